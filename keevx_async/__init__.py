@@ -1,0 +1,68 @@
+"""keevx_async: the asyncio/trio SDK of the Keevx image generation API.
+
+Submit many generation requests concurrently, map every returned task ID back to the
+request that created it, and get each result the moment its callback arrives.
+
+```python
+import keevx_async as kx
+
+async with kx.AsyncKeevx(callback_url="https://example.com/keevx/callback") as client:
+    images = await client.generate(kx.ImageRequest("a red fox in the snow"))
+```
+"""
+
+from __future__ import annotations
+
+from ._batch import Batch
+from ._client import DEFAULT_BASE_URL, AsyncKeevx, ClientStats
+from ._exceptions import (
+    APIError,
+    AuthenticationError,
+    CallbackAuthError,
+    CallbackError,
+    InvalidRequestError,
+    KeevxError,
+    RateLimitError,
+    ServerError,
+    TaskFailedError,
+    TaskPendingError,
+    TaskTimeoutError,
+    TransportError,
+)
+from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot
+from ._task import Submission, Task
+from ._version import __version__
+
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "APIError",
+    "AsyncKeevx",
+    "AuthenticationError",
+    "Batch",
+    "CallbackAuthError",
+    "CallbackError",
+    "CallbackOutcome",
+    "ClientStats",
+    "ImageRequest",
+    "ImageResult",
+    "InvalidRequestError",
+    "KeevxError",
+    "RateLimitError",
+    "ServerError",
+    "Submission",
+    "Task",
+    "TaskFailedError",
+    "TaskPendingError",
+    "TaskSnapshot",
+    "TaskTimeoutError",
+    "TransportError",
+    "__version__",
+]
+
+# Show public objects as ``keevx_async.X`` in reprs, tracebacks and docs, not as the
+# private module that happens to define them.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("keevx_async._"):
+        _obj.__module__ = "keevx_async"
+del _name, _obj

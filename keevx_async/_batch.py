@@ -1,0 +1,262 @@
+"""``Batch``: submit many requests while their results stream in.
+
+One task group per batch owns everything the batch runs: the producer that reads the
+requests lazily, the submits in flight (at most ``concurrency``), and a single timer for
+per-task timeouts. Tasks report their completion through a slot (``Task._sink``), not
+through per-task closures or watcher tasks, so a batch of a hundred thousand tasks costs
+a hundred thousand ``Task`` objects and nothing more.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
+
+import anyio
+import anyio.abc
+
+from ._exceptions import KeevxError, TaskTimeoutError
+from ._models import ImageRequest, ImageResult
+from ._task import Submission, Task
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+__all__ = ["Batch", "collect_aligned"]
+
+_T = TypeVar("_T")
+
+RequestSource = Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str]
+
+
+async def _aiterate(source: Iterable[_T] | AsyncIterable[_T]) -> AsyncIterator[_T]:
+    if isinstance(source, AsyncIterable):
+        async for item in source:
+            yield item
+    else:
+        for item in source:
+            yield item
+
+
+def _as_request(item: object, position: int) -> ImageRequest:
+    if isinstance(item, ImageRequest):
+        return item
+    if isinstance(item, str):
+        return ImageRequest(item)
+    raise TypeError(
+        f"requests[{position}] must be an ImageRequest or a prompt string; "
+        f"got {type(item).__name__}"
+    )
+
+
+class Batch:
+    """A running batch; get one from ``AsyncKeevx.batch``. Iterate it for finished tasks.
+
+    ``async for task in batch`` yields every task once, as it finishes (success,
+    failure or timeout), and every request that could not be submitted as a task with
+    ``task_id=None``. The loop ends when every request was read, submitted and finished.
+
+    The counters (``requests_read``, ``submitted``, ``submit_failed``, ``in_flight``,
+    ``yielded``) are live, for progress displays.
+
+    Raises (from the ``async for``):
+        TypeError, InvalidRequestError: an item of ``requests`` is not a valid request.
+            The batch stops: leaving the block cancels what is unfinished.
+    """
+
+    def __init__(
+        self,
+        requests: RequestSource,
+        *,
+        submit: Callable[[ImageRequest], Awaitable[Submission]],
+        abandon: Callable[[Task], None],
+        concurrency: int,
+        timeout: float | None,
+    ) -> None:
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 or None; got {timeout!r}")
+        self._requests = requests
+        self._submit = submit
+        self._abandon = abandon
+        self._concurrency = concurrency
+        self._timeout = timeout
+        self._completed: deque[Task] = deque()
+        self._outstanding: set[Task] = set()
+        self._deadlines: deque[tuple[float, Task]] = deque()
+        self._submitting = 0
+        self._input_done = False
+        self._error: BaseException | None = None
+        self._wakeup: anyio.Event | None = None
+        self._timer_wakeup: anyio.Event | None = None
+        self._task_group: anyio.abc.TaskGroup | None = None
+        #: Requests read from the input so far.
+        self.requests_read = 0
+        #: Requests the service accepted.
+        self.submitted = 0
+        #: Requests whose submit failed (each yielded as a task with ``task_id=None``).
+        self.submit_failed = 0
+        #: Tasks yielded so far.
+        self.yielded = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Tasks submitted and not finished yet."""
+        return len(self._outstanding)
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        task_group.start_soon(self._produce)
+        if self._timeout is not None:
+            task_group.start_soon(self._expire_overdue, self._timeout)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        task_group = self._task_group
+        assert task_group is not None
+        task_group.cancel_scope.cancel()
+        try:
+            return await task_group.__aexit__(exc_type, exc, tb)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        for task in self._outstanding:
+            task._sink = None
+            self._abandon(task)
+        self._outstanding.clear()
+        self._deadlines.clear()
+        self._completed.clear()
+
+    # --- iteration --------------------------------------------------------------------
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Task:
+        while True:
+            if self._completed:
+                self.yielded += 1
+                return self._completed.popleft()
+            if self._error is not None:
+                raise self._error
+            if self._input_done and not self._submitting and not self._outstanding:
+                raise StopAsyncIteration
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def task_done(self, task: Task) -> None:
+        """Collect a finished task (called by the task itself)."""
+        self._outstanding.discard(task)
+        self._completed.append(task)
+        self._wake()
+
+    # --- background work (all in the batch's task group) ------------------------------
+
+    async def _produce(self) -> None:
+        task_group = self._task_group
+        assert task_group is not None
+        # A semaphore, not a CapacityLimiter: the slot is released by the submitting task.
+        slots = anyio.Semaphore(self._concurrency)
+        position = 0
+        try:
+            items = _aiterate(self._requests)
+            while True:
+                # Take a slot before reading: input is consumed only as fast as it is sent.
+                await slots.acquire()
+                try:
+                    item = await items.__anext__()
+                except StopAsyncIteration:
+                    slots.release()
+                    break
+                request = _as_request(item, position)
+                self.requests_read += 1
+                self._submitting += 1
+                task_group.start_soon(self._submit_one, request, position, slots)
+                position += 1
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, never swallowed
+            self._error = exc
+        finally:
+            self._input_done = True
+            self._wake()
+
+    async def _submit_one(
+        self, request: ImageRequest, position: int, slots: anyio.Semaphore
+    ) -> None:
+        try:
+            submission = await self._submit(request)
+        except KeevxError as exc:
+            self.submit_failed += 1
+            failed = Task._not_submitted(request, exc)
+            failed._position = position
+            self._completed.append(failed)
+        except Exception as exc:  # noqa: BLE001 - a bug or a broken transport: stop the batch
+            self._error = exc
+        else:
+            self.submitted += 1
+            deadline = None if self._timeout is None else anyio.current_time() + self._timeout
+            for task in submission.tasks:
+                task._position = position
+                if task.done():  # an early callback was waiting for it
+                    self._completed.append(task)
+                    continue
+                task._sink = self
+                self._outstanding.add(task)
+                if deadline is not None:
+                    self._deadlines.append((deadline, task))
+            if self._timer_wakeup is not None:
+                self._timer_wakeup.set()
+        finally:
+            self._submitting -= 1
+            slots.release()
+            self._wake()
+
+    async def _expire_overdue(self, timeout: float) -> None:
+        # Deadlines are appended in time order (reply time + a constant), so the
+        # earliest is always at the front: one sleeping loop serves every task.
+        deadlines = self._deadlines
+        while True:
+            while deadlines and deadlines[0][1].done():
+                deadlines.popleft()
+            if not deadlines:
+                self._timer_wakeup = anyio.Event()
+                await self._timer_wakeup.wait()
+                continue
+            deadline, task = deadlines[0]
+            delay = deadline - anyio.current_time()
+            if delay > 0:
+                await anyio.sleep(delay)
+                continue
+            deadlines.popleft()
+            self._abandon(task)
+            task._finish(
+                None, TaskTimeoutError(task_id=task.task_id, timeout=timeout, request=task.request)
+            )
+
+
+async def collect_aligned(batch: Batch) -> list[list[ImageResult | KeevxError]]:
+    """Drain ``batch`` into a list aligned with its input (see ``generate_many``)."""
+    by_position: dict[int, list[tuple[int, ImageResult | KeevxError]]] = {}
+    async for task in batch:
+        error = task.exception()
+        outcome: ImageResult | KeevxError = task.result() if error is None else error
+        by_position.setdefault(task._position, []).append((task.index, outcome))
+    return [
+        [outcome for _, outcome in sorted(by_position[position], key=lambda pair: pair[0])]
+        for position in range(len(by_position))
+    ]

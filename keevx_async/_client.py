@@ -1,0 +1,704 @@
+"""``AsyncKeevx``: the client that composes the parts.
+
+It owns the HTTP client, the concurrency limit, the throttle (pace and 429 pause), the
+callback signer and the task registry; the parts do not know the client.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import quote
+
+import anyio
+import attrs
+import httpx
+
+from ._batch import Batch, collect_aligned
+from ._exceptions import (
+    APIError,
+    AuthenticationError,
+    CallbackAuthError,
+    CallbackError,
+    InvalidRequestError,
+    KeevxError,
+    RateLimitError,
+    ServerError,
+    TransportError,
+)
+from ._models import (
+    FINISHED_OK,
+    CallbackOutcome,
+    CallbackPayload,
+    ImageRequest,
+    ImageResult,
+    TaskSnapshot,
+    check_http_url,
+)
+from ._receiver import DEFAULT_MAX_BODY_SIZE, CallbackApp
+from ._registry import (
+    DEFAULT_EARLY_MAX_AGE,
+    DEFAULT_MAX_EARLY,
+    TaskRegistry,
+)
+from ._task import Submission, Task, wait_all
+from ._throttle import Throttle, backoff_delay, parse_retry_after
+from ._tokens import CallbackSigner, attach_token, token_from_url
+from ._version import __version__
+from ._wire import (
+    Envelope,
+    WireFormatError,
+    decode_callback,
+    decode_envelope,
+    decode_snapshot,
+    decode_task_ids,
+    encode_request,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+    from ._types import CallbackTokenIn
+
+__all__ = ["DEFAULT_BASE_URL", "AsyncKeevx", "ClientStats"]
+
+logger = logging.getLogger("keevx_async")
+
+#: The mainland service, the default. The international one is ``https://api.keevx.com``.
+DEFAULT_BASE_URL: Final = "https://api.keevx.cn"
+_SUBMIT_PATH: Final = "/v1/image_generate"
+# Exceptions raised before a request left this machine: safe to retry, nothing created.
+_NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Headroom in the pool beyond the submit limit, for lookups running beside full fan-out.
+_POOL_HEADROOM: Final = 4
+
+
+@attrs.frozen
+class ClientStats:
+    """A snapshot of what a client has done (``client.stats``), for operators and tests.
+
+    Attributes:
+        submitted: requests accepted by the service (successful submits).
+        submit_errors: submits that raised.
+        tasks_created: task IDs received.
+        resolved_by_callback: tasks finished by a callback.
+        resolved_by_lookup: tasks finished by ``retrieve``.
+        lookups: GET requests answered (``retrieve`` calls that returned).
+        callbacks_rejected: callbacks refused for a missing, invalid or foreign token.
+        callbacks_malformed: callbacks refused for a malformed body.
+        callbacks_buffered: early callbacks kept for a task not registered yet.
+        callbacks_duplicate: callbacks for a task already finished (no change).
+        callbacks_evicted: early callbacks dropped (buffer full or too old).
+        pending: tasks registered and not finished now.
+        buffered: early callbacks held now.
+    """
+
+    submitted: int
+    submit_errors: int
+    tasks_created: int
+    resolved_by_callback: int
+    resolved_by_lookup: int
+    lookups: int
+    callbacks_rejected: int
+    callbacks_malformed: int
+    callbacks_buffered: int
+    callbacks_duplicate: int
+    callbacks_evicted: int
+    pending: int
+    buffered: int
+
+
+@attrs.define
+class _Counters:
+    submitted: int = 0
+    submit_errors: int = 0
+    tasks_created: int = 0
+    resolved_by_lookup: int = 0
+    lookups: int = 0
+    callbacks_rejected: int = 0
+    callbacks_malformed: int = 0
+
+
+def _secret_from_env() -> list[str] | None:
+    raw = os.environ.get("KEEVX_CALLBACK_SECRET")
+    if not raw:
+        return None
+    return [part.strip() for part in raw.split(",") if part.strip()] or None
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+    return value
+
+
+class AsyncKeevx:
+    """The async client of the Keevx image generation API (asyncio and trio).
+
+    Submits requests concurrently under ``max_concurrency``, maps every returned task ID
+    to the request that created it, and resolves each task when its callback is fed in
+    (:meth:`feed_callback` or :attr:`callback_app`). Use it as an async context manager
+    so its HTTP connections are closed:
+
+    ```python
+    import keevx_async as kx
+
+    async with kx.AsyncKeevx(callback_url="https://example.com/keevx/callback") as client:
+        images = await client.generate(kx.ImageRequest("a lighthouse at dawn"))
+    ```
+
+    Args:
+        api_key: the API key; default ``$KEEVX_API_KEY``. None at all raises
+            :class:`AuthenticationError` here.
+        base_url: default ``$KEEVX_BASE_URL``, else ``https://api.keevx.cn``.
+        callback_url: where the service calls back; default ``$KEEVX_CALLBACK_URL``.
+            A per-request ``ImageRequest.callback_url`` wins.
+        max_concurrency: submissions in flight at once, shared by every method.
+        max_per_second: optional cap on HTTP attempts started per second, evenly spaced.
+        max_retries: retries of attempts the service provably did not act on.
+        max_retry_wait: a ``Retry-After`` longer than this raises :class:`RateLimitError`
+            instead of sleeping.
+        timeout: seconds (or an ``httpx.Timeout``) per HTTP attempt.
+        http_client: an ``httpx.AsyncClient`` to send through (not closed by us).
+        callback_secret: the secret (or secrets, newest first) of callback tokens;
+            default ``$KEEVX_CALLBACK_SECRET`` (comma-separated), else random per client.
+            Share it across the processes of one app.
+        verify_callbacks: refuse callbacks without a valid token. Turn off only where
+            something else authenticates callbacks.
+        callback_token_in: ``"query"`` or ``"path"``: where the token goes in the URL.
+        reconcile_after: seconds without a callback before a task is looked up; ``None``
+            never looks up. (Accepted now; the lookup sweeper is not built yet.)
+        max_early_callbacks: early callbacks kept at most (oldest evicted first).
+        early_callback_max_age: seconds an early callback is kept.
+        max_callback_body: the largest callback body ``callback_app`` accepts (bytes).
+    """
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        callback_url: str | None = None,
+        max_concurrency: int = 16,
+        max_per_second: float | None = None,
+        max_retries: int = 3,
+        max_retry_wait: float = 60.0,
+        timeout: float | httpx.Timeout = 30.0,
+        http_client: httpx.AsyncClient | None = None,
+        callback_secret: str | bytes | Sequence[str | bytes] | None = None,
+        verify_callbacks: bool = True,
+        callback_token_in: CallbackTokenIn = "query",
+        reconcile_after: float | None = 300.0,
+        max_early_callbacks: int = DEFAULT_MAX_EARLY,
+        early_callback_max_age: float = DEFAULT_EARLY_MAX_AGE,
+        max_callback_body: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        api_key = api_key if api_key is not None else os.environ.get("KEEVX_API_KEY")
+        if not api_key:
+            raise AuthenticationError(
+                "no API key: pass api_key= or set the KEEVX_API_KEY environment variable"
+            )
+        base_url = base_url or os.environ.get("KEEVX_BASE_URL") or DEFAULT_BASE_URL
+        self.base_url: str = check_http_url(base_url, "base_url").rstrip("/")
+        callback_url = callback_url or os.environ.get("KEEVX_CALLBACK_URL") or None
+        self.callback_url: str | None = (
+            None if callback_url is None else check_http_url(callback_url, "callback_url")
+        )
+        if callback_token_in not in ("query", "path"):
+            raise InvalidRequestError(
+                f"callback_token_in must be 'query' or 'path'; got {callback_token_in!r}",
+                field="callback_token_in",
+            )
+        self.max_concurrency = _positive_int("max_concurrency", max_concurrency)
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0; got {max_retries!r}")
+        if not max_retry_wait >= 0:
+            raise ValueError(f"max_retry_wait must be >= 0; got {max_retry_wait!r}")
+        if reconcile_after is not None and not reconcile_after > 0:
+            raise ValueError(f"reconcile_after must be > 0 or None; got {reconcile_after!r}")
+        if max_callback_body < 1:
+            raise ValueError(f"max_callback_body must be >= 1; got {max_callback_body!r}")
+        self.max_retries = max_retries
+        self.max_retry_wait = float(max_retry_wait)
+        self.verify_callbacks = verify_callbacks
+        self.callback_token_in: CallbackTokenIn = callback_token_in
+        self.reconcile_after = reconcile_after
+        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._throttle = Throttle(max_per_second)
+        self._limiter = anyio.CapacityLimiter(self.max_concurrency)
+        self._signer = CallbackSigner(
+            callback_secret if callback_secret is not None else _secret_from_env()
+        )
+        self._registry = TaskRegistry(
+            max_early=max_early_callbacks, early_max_age=early_callback_max_age
+        )
+        self._counters = _Counters()
+        self._headers = {
+            "Authorization": f"Bearer {api_key}",
+            "User-Agent": (
+                f"keevx-async/{__version__} httpx/{httpx.__version__} "
+                f"python/{platform.python_version()}"
+            ),
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+        }
+        self._submit_url = self.base_url + _SUBMIT_PATH
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else self._build_http_client()
+        self._warned_no_callback = False
+        self._closed = False
+        self.callback_app: CallbackApp = CallbackApp(
+            authenticate=self._authenticate,
+            feed=self._feed_verified,
+            max_body_size=max_callback_body,
+        )
+        """An ASGI app receiving the service's callbacks; mount it at ``callback_url``."""
+
+    def _build_http_client(self) -> httpx.AsyncClient:
+        connections = self.max_concurrency + _POOL_HEADROOM
+        return httpx.AsyncClient(
+            timeout=self._timeout,
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        )
+
+    def __repr__(self) -> str:
+        return f"<AsyncKeevx base_url={self.base_url!r} max_concurrency={self.max_concurrency}>"
+
+    # --- lifetime ---------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the client's own HTTP connections (an injected ``http_client`` is left open)."""
+        if not self._closed:
+            self._closed = True
+            if self._owns_http:
+                await self._http.aclose()
+
+    # --- submitting -------------------------------------------------------------------
+
+    async def submit(self, request: ImageRequest) -> Submission:
+        """Submit one request: one HTTP call, under the client's concurrency limit.
+
+        Returns a :class:`Submission` whose tasks resolve as their callbacks arrive.
+
+        Raises:
+            APIError: the service refused or failed (``maybe_created`` says whether
+                tasks may exist anyway).
+            TransportError: the exchange failed (``maybe_created`` likewise).
+            TypeError: ``request`` is not an :class:`ImageRequest`.
+        """
+        if not isinstance(request, ImageRequest):
+            raise TypeError(f"submit() takes an ImageRequest; got {type(request).__name__}")
+        callback_url = request.callback_url or self.callback_url
+        submission_id: str | None = None
+        if callback_url is None:
+            self._warn_no_callback()
+        elif self.verify_callbacks:
+            submission_id, token = self._signer.issue()
+            callback_url = attach_token(callback_url, token, self.callback_token_in)
+        body = encode_request(request, callback_url)
+        try:
+            async with self._limiter:
+                response = await self._send("POST", self._submit_url, body, request=request)
+            task_ids = self._read_task_ids(response, request)
+        except KeevxError:
+            self._counters.submit_errors += 1
+            raise
+        tasks = tuple(
+            Task(task_id, request, index, submission_id=submission_id)
+            for index, task_id in enumerate(task_ids)
+        )
+        self._registry.register(tasks)
+        self._counters.submitted += 1
+        self._counters.tasks_created += len(tasks)
+        return Submission(request=request, task_ids=task_ids, tasks=tasks)
+
+    async def generate(
+        self, request: ImageRequest, *, timeout: float | None = None
+    ) -> list[ImageResult]:
+        """Submit ``request`` and wait for every task of it.
+
+        Args:
+            timeout: the most seconds to wait for the tasks after the submit reply.
+
+        Returns:
+            one :class:`ImageResult` per task, in task order.
+
+        Raises:
+            TaskFailedError: the first task error, as soon as it is known.
+            TaskTimeoutError: a task was not finished within ``timeout``.
+            APIError, TransportError: the submit failed.
+        """
+        submission = await self.submit(request)
+        try:
+            return await wait_all(submission.tasks, timeout)
+        finally:
+            for task in submission.tasks:
+                if not task.done():
+                    self._registry.abandon(task)
+
+    @asynccontextmanager
+    async def batch(
+        self,
+        requests: Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str],
+        *,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Batch]:
+        """Submit many requests while their results stream in.
+
+        ```python
+        async with client.batch(requests, timeout=600) as batch:
+            async for task in batch:
+                if task.exception() is None:
+                    print(task.request.prompt, task.result().image_url)
+        ```
+
+        ``requests`` (an iterable or async iterable of :class:`ImageRequest`, or of prompt
+        strings) is read lazily, as submit slots free up. ``async for task in batch``
+        yields every :class:`Task` as it finishes, in completion order; a request whose
+        submit failed yields one task with ``task_id=None`` whose ``result()`` raises the
+        submission error. Leaving the block cancels what is unfinished.
+
+        Args:
+            concurrency: submits in flight for this batch (never more than the client's
+                ``max_concurrency``); default the client's.
+            timeout: the most seconds to wait for each task after its submit reply; a
+                task not done by then is yielded with :class:`TaskTimeoutError`.
+        """
+        limit = (
+            self.max_concurrency
+            if concurrency is None
+            else _positive_int("concurrency", concurrency)
+        )
+        async with Batch(
+            requests,
+            submit=self.submit,
+            abandon=self._registry.abandon,
+            concurrency=limit,
+            timeout=timeout,
+        ) as running:
+            yield running
+
+    async def generate_many(
+        self,
+        requests: Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str],
+        *,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+    ) -> list[list[ImageResult | KeevxError]]:
+        """Submit every request and wait for all; a list in, a list out.
+
+        Returns a list aligned with ``requests``: for each, the results in task order,
+        with each failed task's error in its place; a request whose submit failed gives
+        a one-item list holding the submission error. Never raises for a single task.
+        """
+        async with self.batch(requests, concurrency=concurrency, timeout=timeout) as running:
+            return await collect_aligned(running)
+
+    # --- looking up -------------------------------------------------------------------
+
+    async def retrieve(self, task_id: str) -> TaskSnapshot:
+        """Look up one task's state with the GET endpoint (safe to retry, no side effects).
+
+        A finished snapshot of a task this client is waiting for resolves that task,
+        exactly as its callback would.
+
+        Raises:
+            APIError: the service answered with an error (``code`` 110002: not found).
+            TransportError: the exchange failed after retries.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"task_id must be a non-empty string; got {task_id!r}")
+        url = f"{self._submit_url}/{quote(task_id, safe='')}"
+        response = await self._send("GET", url, None, task_id=task_id)
+        envelope = self._read_envelope(response, None, task_id=task_id, maybe_created=False)
+        try:
+            snapshot = decode_snapshot(envelope.data)
+        except WireFormatError as exc:
+            raise APIError(
+                f"unreadable task reply: {exc}",
+                status_code=response.status_code,
+                task_id=task_id,
+                response=response,
+            ) from None
+        self._counters.lookups += 1
+        if snapshot.done and (snapshot.status != FINISHED_OK or snapshot.image_url):
+            payload = CallbackPayload(
+                task_id=snapshot.task_id,
+                status=snapshot.status,
+                image_url=snapshot.image_url,
+                error_message=snapshot.error_message,
+                raw=snapshot.raw,
+            )
+            if self._registry.apply(payload, None) is CallbackOutcome.RESOLVED:
+                self._counters.resolved_by_lookup += 1
+        return snapshot
+
+    # --- callbacks --------------------------------------------------------------------
+
+    async def feed_callback(
+        self, body: bytes | str | Mapping[str, Any], *, url: str | None = None
+    ) -> CallbackOutcome:
+        """Apply one callback the service POSTed to your ``callback_url``.
+
+        Args:
+            body: the POST body, as bytes, text or an already parsed mapping.
+            url: the full URL the callback was POSTed to (it carries the token).
+
+        Raises:
+            CallbackAuthError: no valid token for the task (``url`` missing included).
+            CallbackError: the body is malformed. In both cases nothing changed.
+        """
+        submission_id = self._authenticate(None if url is None else token_from_url(url))
+        return self._feed_verified(body, submission_id)
+
+    def _authenticate(self, token: str | None) -> str | None:
+        if not self.verify_callbacks:
+            return None
+        submission_id = self._signer.verify(token)
+        if submission_id is None:
+            self._counters.callbacks_rejected += 1
+            why = "has no token" if not token else "carries an invalid token"
+            logger.warning("rejected a callback that %s", why)
+            raise CallbackAuthError(
+                f"callback {why}: it was not sent to a callback URL this client issued"
+            )
+        return submission_id
+
+    def _feed_verified(
+        self, body: bytes | str | Mapping[str, Any], submission_id: str | None
+    ) -> CallbackOutcome:
+        try:
+            payload = decode_callback(body)
+        except WireFormatError as exc:
+            self._counters.callbacks_malformed += 1
+            logger.warning("rejected a malformed callback: %s", exc)
+            raise CallbackError(str(exc), field=exc.field) from None
+        try:
+            return self._registry.apply(payload, submission_id)
+        except CallbackAuthError:
+            self._counters.callbacks_rejected += 1
+            raise
+
+    # --- observing --------------------------------------------------------------------
+
+    @property
+    def stats(self) -> ClientStats:
+        """Counters and gauges of this client, as a frozen snapshot."""
+        registry = self._registry
+        counts = registry.counters
+        return ClientStats(
+            submitted=self._counters.submitted,
+            submit_errors=self._counters.submit_errors,
+            tasks_created=self._counters.tasks_created,
+            resolved_by_callback=counts.resolved - self._counters.resolved_by_lookup,
+            resolved_by_lookup=self._counters.resolved_by_lookup,
+            lookups=self._counters.lookups,
+            callbacks_rejected=self._counters.callbacks_rejected,
+            callbacks_malformed=self._counters.callbacks_malformed,
+            callbacks_buffered=counts.buffered,
+            callbacks_duplicate=counts.duplicates,
+            callbacks_evicted=counts.evicted,
+            pending=registry.pending_count,
+            buffered=registry.early_count,
+        )
+
+    # --- HTTP -------------------------------------------------------------------------
+
+    def _warn_no_callback(self) -> None:
+        if not self._warned_no_callback:
+            self._warned_no_callback = True
+            logger.warning(
+                "no callback_url is configured: the service will not call back, and results "
+                "only arrive through retrieve()"
+            )
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        content: bytes | None,
+        *,
+        request: ImageRequest | None = None,
+        task_id: str | None = None,
+    ) -> httpx.Response:
+        """One logical call with the retry policy; returns the final response.
+
+        A POST is retried only when the service provably did not act on it; a GET (no
+        side effects) on any transient failure.
+        """
+        idempotent = method == "GET"
+        what = f"{method} {url}"
+        attempt = 0
+        while True:
+            await self._throttle.before_attempt()
+            try:
+                response = await self._http.request(
+                    method, url, content=content, headers=self._headers, timeout=self._timeout
+                )
+            except httpx.TransportError as exc:
+                not_sent = isinstance(exc, _NOT_SENT)
+                if (not_sent or idempotent) and attempt < self.max_retries:
+                    delay = backoff_delay(attempt)
+                    attempt += 1
+                    logger.warning(
+                        "retrying %s in %.2f s (retry %d of %d): %s",
+                        what, delay, attempt, self.max_retries, _describe(exc),
+                    )  # fmt: skip
+                    await anyio.sleep(delay)
+                    continue
+                maybe_created = (
+                    not idempotent
+                    and not not_sent
+                    and not isinstance(exc, httpx.UnsupportedProtocol)
+                )
+                raise TransportError(
+                    f"{what} failed: {_describe(exc)}",
+                    request=request,
+                    task_id=task_id,
+                    maybe_created=maybe_created,
+                ) from exc
+            status = response.status_code
+            throttled = status == 429 or (status == 503 and "retry-after" in response.headers)
+            if not (throttled or (idempotent and status >= 500)):
+                return response
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            if retry_after is not None and retry_after > self.max_retry_wait:
+                raise self._status_error(
+                    response, request, task_id, maybe_created=False, retry_after=retry_after,
+                    note=f"the service asked to wait {retry_after:g} s, more than "
+                    f"max_retry_wait={self.max_retry_wait:g}",
+                )  # fmt: skip
+            if attempt >= self.max_retries:
+                raise self._status_error(
+                    response, request, task_id, maybe_created=False, retry_after=retry_after
+                )
+            delay = retry_after if retry_after is not None else backoff_delay(attempt)
+            attempt += 1
+            if throttled:
+                self._throttle.pause(delay, f"HTTP {status} from {what}")
+            else:
+                await anyio.sleep(delay)
+            logger.warning(
+                "retrying %s after HTTP %d (retry %d of %d)",
+                what,
+                status,
+                attempt,
+                self.max_retries,
+            )
+
+    def _read_task_ids(self, response: httpx.Response, request: ImageRequest) -> tuple[str, ...]:
+        envelope = self._read_envelope(response, request, task_id=None, maybe_created=True)
+        try:
+            return decode_task_ids(envelope.data)
+        except WireFormatError as exc:
+            raise APIError(
+                f"unreadable submit reply: {exc}",
+                code=envelope.code,
+                status_code=response.status_code,
+                request=request,
+                response=response,
+                maybe_created=True,
+            ) from None
+
+    def _read_envelope(
+        self,
+        response: httpx.Response,
+        request: ImageRequest | None,
+        *,
+        task_id: str | None,
+        maybe_created: bool,
+    ) -> Envelope:
+        """The reply's envelope, or the error it stands for.
+
+        ``maybe_created`` is what an unreadable 2xx reply means for a submit.
+        """
+        status = response.status_code
+        if not 200 <= status < 300:
+            ambiguous = maybe_created and (status >= 500 or status < 400)
+            raise self._status_error(response, request, task_id, maybe_created=ambiguous)
+        try:
+            envelope = decode_envelope(response.content, "reply")
+        except WireFormatError as exc:
+            raise APIError(
+                f"unreadable reply: {exc}",
+                status_code=status,
+                request=request,
+                task_id=task_id,
+                response=response,
+                maybe_created=maybe_created,
+            ) from None
+        if envelope.code != 0:
+            error_class = AuthenticationError if envelope.code in (401, 403) else APIError
+            raise error_class(
+                envelope.msg or "the service refused the request",
+                code=envelope.code,
+                status_code=status,
+                request=request,
+                task_id=task_id,
+                response=response,
+            )
+        return envelope
+
+    def _status_error(
+        self,
+        response: httpx.Response,
+        request: ImageRequest | None,
+        task_id: str | None,
+        *,
+        maybe_created: bool,
+        retry_after: float | None = None,
+        note: str | None = None,
+    ) -> APIError:
+        status = response.status_code
+        code, msg = _code_and_msg(response)
+        if note:
+            msg = f"{msg}; {note}"
+        common: dict[str, Any] = {
+            "code": code,
+            "status_code": status,
+            "request": request,
+            "task_id": task_id,
+            "response": response,
+            "maybe_created": maybe_created,
+        }
+        if status == 429:
+            return RateLimitError(msg, retry_after=retry_after, **common)
+        if status in (401, 403):
+            return AuthenticationError(msg, **common)
+        if status >= 500:
+            return ServerError(msg, **common)
+        return APIError(msg, **common)
+
+
+def _code_and_msg(response: httpx.Response) -> tuple[int, str]:
+    """The business code and message of an error reply, falling back to the HTTP status."""
+    status = response.status_code
+    fallback = f"HTTP {status} {response.reason_phrase}".rstrip()
+    try:
+        envelope = decode_envelope(response.content, "error reply")
+    except WireFormatError:
+        return status, fallback
+    return envelope.code, envelope.msg or fallback
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

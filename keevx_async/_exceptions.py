@@ -1,0 +1,250 @@
+"""Every error the SDK raises, in one tree.
+
+```
+KeevxError
+├── InvalidRequestError          (also a ValueError) a request broke a rule before sending
+├── APIError                     the service answered with an error
+│   ├── AuthenticationError      HTTP 401 / 403
+│   ├── RateLimitError           HTTP 429, or a Retry-After longer than max_retry_wait
+│   └── ServerError              HTTP 5xx
+├── TransportError               the HTTP exchange itself failed (connect, read, timeout)
+├── TaskFailedError              a task finished with a status other than SUCCEEDED
+├── TaskTimeoutError             a task did not finish within the wait's timeout
+├── TaskPendingError             ``Task.result()`` asked of a task that is not done
+└── CallbackError                (also a ValueError) a callback body is malformed
+    └── CallbackAuthError        a callback without a valid token for its task
+```
+
+Errors raised by ``submit`` carry ``maybe_created``: ``True`` when the service may have
+created (and billed) tasks although no task IDs came back, so the caller knows a blind
+resubmit could pay twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import httpx
+
+    from ._models import ImageRequest
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "CallbackAuthError",
+    "CallbackError",
+    "InvalidRequestError",
+    "KeevxError",
+    "RateLimitError",
+    "ServerError",
+    "TaskFailedError",
+    "TaskPendingError",
+    "TaskTimeoutError",
+    "TransportError",
+]
+
+
+class KeevxError(Exception):
+    """Base class of every error raised by keevx_async.
+
+    ``maybe_created`` is ``False`` here; the submit errors that could hide billed tasks
+    (:class:`APIError`, :class:`TransportError`) set it per instance.
+    """
+
+    maybe_created: bool = False
+
+
+class InvalidRequestError(KeevxError, ValueError):
+    """A request broke one of the service's rules; nothing was sent.
+
+    ``field`` names the offending field (``"prompt"``, ``"reference_images[2]"``, ...).
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class APIError(KeevxError):
+    """The service answered with an error: an HTTP error status or a business ``code != 0``.
+
+    Attributes:
+        code: the service's business code (``100001`` parameter error, ``110002`` task not
+            found, ...) or the HTTP status when the reply had no readable code.
+        msg: the service's own explanation.
+        status_code: the HTTP status of the reply (``200`` for business errors).
+        request: the :class:`~keevx_async.ImageRequest` that was being submitted, if any.
+        task_id: the task being looked up, for errors of ``retrieve``.
+        response: the ``httpx.Response``, when there was one.
+        maybe_created: whether the service may have created tasks for the request.
+    """
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        code: int | None = None,
+        status_code: int | None = None,
+        request: ImageRequest | None = None,
+        task_id: str | None = None,
+        response: httpx.Response | None = None,
+        maybe_created: bool = False,
+    ) -> None:
+        self.msg = msg
+        self.code = code
+        self.status_code = status_code
+        self.request = request
+        self.task_id = task_id
+        self.response = response
+        self.maybe_created = maybe_created
+        super().__init__(self._sentence())
+
+    def _sentence(self) -> str:
+        parts = [self.msg]
+        details = []
+        if self.code is not None:
+            details.append(f"code {self.code}")
+        if self.status_code is not None:
+            details.append(f"HTTP {self.status_code}")
+        if self.task_id is not None:
+            details.append(f"task {self.task_id}")
+        if details:
+            parts.append(f"({', '.join(details)})")
+        if self.maybe_created:
+            parts.append(
+                "- the service may have created (and billed) tasks for this request; "
+                "check before resubmitting"
+            )
+        return " ".join(parts)
+
+
+class AuthenticationError(APIError):
+    """The API key is missing, wrong or not allowed (HTTP 401/403, or no key at all)."""
+
+
+class RateLimitError(APIError):
+    """The service is rate limiting this client (HTTP 429).
+
+    ``retry_after`` is the wait the service asked for, in seconds, when it said one.
+    Raised once retries are spent, or at once when the asked wait exceeds
+    ``max_retry_wait``.
+    """
+
+    def __init__(
+        self,
+        msg: str,
+        *,
+        retry_after: float | None = None,
+        code: int | None = None,
+        status_code: int | None = None,
+        request: ImageRequest | None = None,
+        task_id: str | None = None,
+        response: httpx.Response | None = None,
+        maybe_created: bool = False,
+    ) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            msg,
+            code=code,
+            status_code=status_code,
+            request=request,
+            task_id=task_id,
+            response=response,
+            maybe_created=maybe_created,
+        )
+
+
+class ServerError(APIError):
+    """The service failed (HTTP 5xx)."""
+
+
+class TransportError(KeevxError):
+    """The HTTP exchange failed: connection refused, timeout, broken connection.
+
+    ``__cause__`` holds the underlying ``httpx`` exception. ``maybe_created`` is ``True``
+    when the request body may have reached the service (a read timeout after sending).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request: ImageRequest | None = None,
+        task_id: str | None = None,
+        maybe_created: bool = False,
+    ) -> None:
+        self.request = request
+        self.task_id = task_id
+        self.maybe_created = maybe_created
+        if maybe_created:
+            message += (
+                " - the service may have created (and billed) tasks for this request; "
+                "check before resubmitting"
+            )
+        super().__init__(message)
+
+
+class TaskFailedError(KeevxError):
+    """A task finished without an image.
+
+    Attributes:
+        task_id: the task's ID.
+        status: the finished status the service reported (``"FAILED"`` or another one).
+        error_message: the service's explanation, possibly empty.
+        request: the :class:`~keevx_async.ImageRequest` that created the task.
+    """
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        status: str,
+        error_message: str,
+        request: ImageRequest | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.status = status
+        self.error_message = error_message
+        self.request = request
+        reason = error_message or "no error message given"
+        super().__init__(f"task {task_id} finished with status {status}: {reason}")
+
+
+class TaskTimeoutError(KeevxError, TimeoutError):
+    """A task did not finish within the wait's timeout.
+
+    The task itself is unchanged: a later callback still resolves it, and a later
+    ``await task`` can still get its result.
+    """
+
+    def __init__(
+        self, *, task_id: str | None, timeout: float, request: ImageRequest | None = None
+    ) -> None:
+        self.task_id = task_id
+        self.timeout = timeout
+        self.request = request
+        super().__init__(f"task {task_id} did not finish within {timeout:g} seconds")
+
+
+class TaskPendingError(KeevxError):
+    """``Task.result()`` or ``Task.exception()`` was called before the task finished."""
+
+    def __init__(self, task_id: str | None) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id} has not finished yet; await it first")
+
+
+class CallbackError(KeevxError, ValueError):
+    """A callback body could not be understood. Nothing was changed.
+
+    ``field`` names the offending field (``"data.task_id"``), when one is to blame.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CallbackAuthError(CallbackError):
+    """A callback did not carry a valid token for its task. Nothing was changed."""

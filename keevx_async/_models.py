@@ -1,0 +1,271 @@
+"""Value objects: the request, the result, the snapshot and the callback payload.
+
+Every rule of the service is checked when an :class:`ImageRequest` is built, so nothing
+invalid is ever sent. These classes know nothing of JSON; :mod:`keevx_async._wire` does.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from ._exceptions import InvalidRequestError
+from ._types import (
+    FINISHED_OK,
+    IMAGE_EXTENSIONS,
+    IMAGE_QUALITIES,
+    IMAGE_RATIOS,
+    MAX_GENERATE_COUNT,
+    MAX_PROMPT_LENGTH,
+    MAX_REFERENCE_IMAGES,
+    MODULES,
+    UNFINISHED_STATUSES,
+    ImageQuality,
+    ImageRatio,
+    Module,
+)
+
+__all__ = [
+    "FINISHED_OK",
+    "CallbackOutcome",
+    "CallbackPayload",
+    "ImageRequest",
+    "ImageResult",
+    "TaskSnapshot",
+    "is_finished",
+]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def is_finished(status: str) -> bool:
+    """Whether ``status`` is a finished one (success or failure)."""
+    return status not in UNFINISHED_STATUSES
+
+
+def _frozen_mapping(value: Mapping[str, Any]) -> Mapping[str, Any]:
+    return value if isinstance(value, MappingProxyType) else MappingProxyType(dict(value))
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def _one_of(allowed: tuple[str, ...]) -> Any:
+    choices = ", ".join(repr(a) for a in allowed)
+
+    def check(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if value not in allowed:
+            raise InvalidRequestError(
+                f"{attribute.name} must be one of {choices}; got {value!r}", field=attribute.name
+            )
+
+    return check
+
+
+def _check_prompt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequestError(
+            f"prompt must be a string; got {type(value).__name__}", field="prompt"
+        )
+    if not 1 <= len(value) <= MAX_PROMPT_LENGTH:
+        raise InvalidRequestError(
+            f"prompt must be 1..{MAX_PROMPT_LENGTH} characters; got {len(value)}",
+            field="prompt",
+        )
+
+
+def _check_generate_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidRequestError(
+            f"generate_count must be an int; got {type(value).__name__}", field="generate_count"
+        )
+    if not 1 <= value <= MAX_GENERATE_COUNT:
+        raise InvalidRequestError(
+            f"generate_count must be 1..{MAX_GENERATE_COUNT}; got {value}",
+            field="generate_count",
+        )
+
+
+def check_http_url(value: object, field: str) -> str:
+    """Return ``value`` if it is an absolute http(s) URL, else raise naming ``field``."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(
+            f"{field} must be a URL string; got {type(value).__name__}", field=field
+        )
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError as exc:
+        raise InvalidRequestError(f"{field} is not a valid URL: {value!r}", field=field) from exc
+    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidRequestError(
+            f"{field} must be an absolute http(s) URL; got {value!r}", field=field
+        )
+    return value
+
+
+def _to_reference_images(value: object) -> tuple[str, ...]:
+    # A bare string is iterable too; refusing it avoids five one-letter "URLs".
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise InvalidRequestError(
+            f"reference_images must be a list of URL strings; got {type(value).__name__}",
+            field="reference_images",
+        )
+    return tuple(value)
+
+
+def _check_reference_images(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    assert isinstance(value, tuple)  # the converter guarantees it
+    if len(value) > MAX_REFERENCE_IMAGES:
+        raise InvalidRequestError(
+            f"reference_images takes at most {MAX_REFERENCE_IMAGES} URLs; got {len(value)} "
+            "(the service would silently drop the rest)",
+            field="reference_images",
+        )
+    for position, url in enumerate(value):
+        field = f"reference_images[{position}]"
+        check_http_url(url, field)
+        last_segment = urlsplit(url).path.rsplit("/", 1)[-1]
+        if "." in last_segment:
+            extension = last_segment.rsplit(".", 1)[-1].lower()
+            if extension not in IMAGE_EXTENSIONS:
+                allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
+                raise InvalidRequestError(
+                    f"{field} must be an image of type {allowed}; got .{extension} in {url!r}",
+                    field=field,
+                )
+
+
+def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        check_http_url(value, "callback_url")
+
+
+# --- models ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ImageRequest:
+    """One call to the image generation endpoint. Immutable and validated.
+
+    Every rule of the service is checked here, at construction; a broken one raises
+    :class:`~keevx_async.InvalidRequestError` naming the field and what is allowed.
+
+    Args:
+        prompt: what to draw, 1..1000 characters.
+        reference_images: at most 5 absolute http(s) URLs of JPG/JPEG/PNG/BMP/WebP/GIF
+            images (a URL without a file extension is allowed).
+        module: ``"std"`` or ``"pro"``.
+        generate_count: how many images, 1..8; each image becomes its own task.
+        image_quality: ``"1K"``, ``"2K"`` or ``"4K"``.
+        image_ratio: one of ``"1:1" "3:2" "2:3" "3:4" "4:3" "4:5" "5:4" "9:16" "16:9"
+            "21:9"``.
+        callback_url: where the service calls back for this request; default: the
+            client's ``callback_url``.
+
+    Example:
+        >>> import keevx_async as kx
+        >>> kx.ImageRequest("a red fox in the snow", generate_count=2, image_ratio="16:9")
+        ImageRequest(prompt='a red fox in the snow', reference_images=(), module='std', \
+generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None)
+    """
+
+    prompt: str = attrs.field(validator=_check_prompt)
+    reference_images: tuple[str, ...] = attrs.field(
+        default=(), kw_only=True, converter=_to_reference_images, validator=_check_reference_images
+    )
+    module: Module = attrs.field(default="std", kw_only=True, validator=_one_of(MODULES))
+    generate_count: int = attrs.field(default=1, kw_only=True, validator=_check_generate_count)
+    image_quality: ImageQuality = attrs.field(
+        default="2K", kw_only=True, validator=_one_of(IMAGE_QUALITIES)
+    )
+    image_ratio: ImageRatio = attrs.field(
+        default="9:16", kw_only=True, validator=_one_of(IMAGE_RATIOS)
+    )
+    callback_url: str | None = attrs.field(
+        default=None, kw_only=True, validator=_check_callback_url
+    )
+
+
+@attrs.frozen
+class ImageResult:
+    """A finished, successful task: the image and where it came from.
+
+    ``raw`` is the callback's ``data`` object as received, extra fields included. The
+    service keeps ``image_url`` for about 7 days: download what you want to keep.
+    """
+
+    task_id: str
+    image_url: str
+    request: ImageRequest
+    index: int
+    status: str = FINISHED_OK
+    task_type: str = "image_generate"
+    raw: Mapping[str, Any] = attrs.field(
+        default=_EMPTY, converter=_frozen_mapping, eq=False, repr=False
+    )
+
+
+@attrs.frozen
+class TaskSnapshot:
+    """One task's state as the GET endpoint reported it (see ``AsyncKeevx.retrieve``).
+
+    ``raw`` is the reply's ``data`` object, extra fields included.
+    """
+
+    task_id: str
+    status: str
+    image_url: str = ""
+    thumbnail_url: str = ""
+    error_message: str = ""
+    raw: Mapping[str, Any] = attrs.field(
+        default=_EMPTY, converter=_frozen_mapping, eq=False, repr=False
+    )
+
+    @property
+    def done(self) -> bool:
+        """Whether the task has finished (successfully or not)."""
+        return is_finished(self.status)
+
+
+@attrs.frozen
+class CallbackPayload:
+    """A parsed callback (or a finished snapshot): what the registry applies to a task."""
+
+    task_id: str
+    status: str
+    image_url: str = ""
+    error_message: str = ""
+    task_type: str = "image_generate"
+    code: int = 0
+    msg: str = ""
+    raw: Mapping[str, Any] = attrs.field(
+        default=_EMPTY, converter=_frozen_mapping, eq=False, repr=False
+    )
+
+    @property
+    def done(self) -> bool:
+        """Whether the payload reports a finished task."""
+        return is_finished(self.status)
+
+
+class CallbackOutcome(str, enum.Enum):
+    """What feeding one callback did."""
+
+    #: A waiting task was completed by this callback.
+    RESOLVED = "resolved"
+    #: The task ID is not known yet (the submit reply has not arrived): the callback is
+    #: kept and applied when the reply registers the task.
+    BUFFERED = "buffered"
+    #: The task had already finished: nothing changed.
+    DUPLICATE = "duplicate"
+    #: A non-finished status (``GENERATING``, ...): the task's status was updated.
+    PROGRESS = "progress"
+
+    def __str__(self) -> str:
+        return self.value

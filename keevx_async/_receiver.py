@@ -1,0 +1,134 @@
+"""``callback_app``: a plain ASGI application that receives the service's callbacks.
+
+The order of checks is the cheap-first order an endpoint facing the internet wants:
+method (405), token (401, before a byte of the body is read), size (413), content type
+(415), body (400), then the registry. No web framework is needed; mount it under the path
+of your ``callback_url`` in any ASGI server or framework.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any, Final
+
+from ._exceptions import CallbackAuthError, CallbackError
+from ._tokens import token_from_target
+
+if TYPE_CHECKING:
+    from ._models import CallbackOutcome
+
+__all__ = ["DEFAULT_MAX_BODY_SIZE", "CallbackApp"]
+
+logger = logging.getLogger("keevx_async")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+#: Default cap on a callback body (a real one is a few hundred bytes).
+DEFAULT_MAX_BODY_SIZE: Final = 64 * 1024
+
+_OK: Final = b'{"code":0,"msg":"ok"}'
+
+
+class _BodyTooLargeError(Exception):
+    pass
+
+
+def _error_body(status: int, msg: str) -> bytes:
+    return json.dumps({"code": status, "msg": msg}).encode()
+
+
+class CallbackApp:
+    """The ASGI callable behind ``AsyncKeevx.callback_app``.
+
+    ``POST`` with a valid body -> 200 ``{"code":0,"msg":"ok"}`` (also for duplicates and
+    early callbacks: feeding is idempotent); malformed -> 400; bad or missing token -> 401;
+    body over ``max_body_size`` -> 413; not JSON -> 415; other methods -> 405.
+    """
+
+    __slots__ = ("_authenticate", "_feed", "max_body_size")
+
+    def __init__(
+        self,
+        *,
+        authenticate: Callable[[str | None], str | None],
+        feed: Callable[[bytes, str | None], CallbackOutcome],
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+    ) -> None:
+        self._authenticate = authenticate
+        self._feed = feed
+        self.max_body_size = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one ASGI connection scope (``http``, or ``lifespan`` for standalone use)."""
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            raise RuntimeError(f"callback_app serves HTTP only, not {kind!r}")
+        status, body = await self._handle(scope, receive)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        if status == 405:
+            headers.append((b"allow", b"POST"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _handle(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        if scope["method"] != "POST":
+            return 405, _error_body(405, "callbacks are POSTed")
+        query = scope.get("query_string", b"").decode("latin-1")
+        try:
+            submission_id = self._authenticate(token_from_target(scope["path"], query))
+        except CallbackAuthError as exc:
+            return 401, _error_body(401, str(exc))
+        headers = dict(scope.get("headers") or ())
+        content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
+        try:
+            body = await self._read_body(headers, receive)
+        except _BodyTooLargeError:
+            logger.warning("rejected a callback body over %d bytes", self.max_body_size)
+            return 413, _error_body(413, f"callback body exceeds {self.max_body_size} bytes")
+        if "json" not in content_type.lower():
+            logger.warning("rejected a callback with content type %r", content_type)
+            return 415, _error_body(415, "callbacks must be application/json")
+        try:
+            self._feed(body, submission_id)
+        except CallbackAuthError as exc:
+            return 401, _error_body(401, str(exc))
+        except CallbackError as exc:
+            return 400, _error_body(400, str(exc))
+        return 200, _OK
+
+    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        limit = self.max_body_size
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _BodyTooLargeError
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away; what we have is all there is
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _BodyTooLargeError
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return

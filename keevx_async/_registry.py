@@ -1,0 +1,221 @@
+"""The task registry: task ID -> pending task, plus the callbacks that came too early.
+
+It is the one place a verified callback meets its task. It is synchronous (nothing here
+awaits), so a callback is applied atomically with respect to the event loop: no task is
+ever seen half-registered or half-resolved.
+
+Memory stays flat in a long-running app: a task leaves ``pending`` the moment it finishes
+(or is abandoned, or is garbage-collected because nobody holds it any more); early
+callbacks are bounded in count and age; finished task IDs are remembered in a bounded
+window only, to answer duplicates.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Final
+
+import attrs
+
+from ._exceptions import CallbackAuthError
+from ._models import CallbackOutcome, CallbackPayload
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from ._task import Task
+
+__all__ = ["RegistryCounters", "TaskRegistry"]
+
+logger = logging.getLogger("keevx_async")
+
+DEFAULT_MAX_EARLY: Final = 10_000
+DEFAULT_EARLY_MAX_AGE: Final = 600.0
+DEFAULT_REMEMBER_DONE: Final = 10_000
+
+
+@attrs.define
+class RegistryCounters:
+    """Running counts of what the registry did with callbacks."""
+
+    resolved: int = 0
+    buffered: int = 0
+    duplicates: int = 0
+    progress: int = 0
+    evicted: int = 0
+    rejected: int = 0
+
+
+@attrs.define
+class _Early:
+    payload: CallbackPayload
+    arrived: float
+
+
+class TaskRegistry:
+    """Maps task IDs to waiting tasks and applies callbacks to them.
+
+    Args:
+        max_early: the most early callbacks kept at once; the oldest is evicted (and
+            logged) to make room.
+        early_max_age: seconds an early callback is kept before it is dropped (logged).
+        remember_done: how many finished task IDs are remembered to answer duplicates.
+        clock: a monotonic clock (seconds).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_early: int = DEFAULT_MAX_EARLY,
+        early_max_age: float = DEFAULT_EARLY_MAX_AGE,
+        remember_done: int = DEFAULT_REMEMBER_DONE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_early < 0:
+            raise ValueError(f"max_early_callbacks must be >= 0; got {max_early}")
+        if early_max_age <= 0:
+            raise ValueError(f"early_callback_max_age must be > 0; got {early_max_age}")
+        self._pending: weakref.WeakValueDictionary[str, Task] = weakref.WeakValueDictionary()
+        # (task_id, submission_id) -> callback; submission_id None when not verified.
+        self._early: OrderedDict[tuple[str, str | None], _Early] = OrderedDict()
+        # task_id -> submission_id of tasks that finished or were abandoned.
+        self._done: OrderedDict[str, str | None] = OrderedDict()
+        self._max_early = max_early
+        self._early_max_age = early_max_age
+        self._remember_done = remember_done
+        self._clock = clock
+        self.counters = RegistryCounters()
+
+    @property
+    def pending_count(self) -> int:
+        """Tasks registered and not finished yet."""
+        return len(self._pending)
+
+    @property
+    def early_count(self) -> int:
+        """Early callbacks kept, waiting for their task to be registered."""
+        self._expire_early(self._clock())
+        return len(self._early)
+
+    def get(self, task_id: str) -> Task | None:
+        """The pending task with this ID, if any."""
+        return self._pending.get(task_id)
+
+    # --- registering ------------------------------------------------------------------
+
+    def register(self, tasks: Iterable[Task]) -> None:
+        """Start tracking ``tasks`` (all of one submission) and apply early callbacks."""
+        now = self._clock()
+        self._expire_early(now)
+        for task in tasks:
+            task_id = task.task_id
+            assert task_id is not None  # only submitted tasks are registered
+            self._pending[task_id] = task
+            early = self._early.pop((task_id, task.submission_id), None)
+            if early is None and task.submission_id is not None:
+                early = self._early.pop((task_id, None), None)
+            if early is not None:
+                self._resolve(task, early.payload)
+
+    def abandon(self, task: Task) -> None:
+        """Stop tracking an unfinished task nobody will wait for any more."""
+        task_id = task.task_id
+        if task_id is not None and self._pending.get(task_id) is task:
+            del self._pending[task_id]
+            self._remember(task_id, task.submission_id)
+
+    # --- applying callbacks -----------------------------------------------------------
+
+    def apply(self, payload: CallbackPayload, submission_id: str | None) -> CallbackOutcome:
+        """Apply a callback whose token was issued for ``submission_id``.
+
+        ``submission_id`` is ``None`` for trusted sources (a lookup made with our API key,
+        or a client with ``verify_callbacks=False``): such a payload fits any submission.
+
+        Raises:
+            CallbackAuthError: the token belongs to another submission than the task's.
+                Nothing changed.
+        """
+        task_id = payload.task_id
+        task = self._pending.get(task_id)
+        if task is None:
+            return self._apply_unknown(payload, submission_id)
+        if submission_id is not None and task.submission_id != submission_id:
+            self._reject_foreign(task_id)
+        if not payload.done:
+            task.status = payload.status
+            self.counters.progress += 1
+            return CallbackOutcome.PROGRESS
+        self._resolve(task, payload)
+        return CallbackOutcome.RESOLVED
+
+    def _apply_unknown(
+        self, payload: CallbackPayload, submission_id: str | None
+    ) -> CallbackOutcome:
+        task_id = payload.task_id
+        if task_id in self._done:
+            owner = self._done[task_id]
+            if submission_id is not None and owner is not None and owner != submission_id:
+                self._reject_foreign(task_id)
+            self.counters.duplicates += 1
+            return CallbackOutcome.DUPLICATE
+        if not payload.done:
+            # Nothing to keep: a finished callback will follow.
+            self.counters.progress += 1
+            return CallbackOutcome.PROGRESS
+        key = (task_id, submission_id)
+        now = self._clock()
+        self._expire_early(now)
+        if key in self._early:
+            self.counters.duplicates += 1
+            return CallbackOutcome.BUFFERED
+        if self._max_early == 0:
+            self._evict(key, "early-callback buffer is disabled (max_early_callbacks=0)")
+            return CallbackOutcome.BUFFERED
+        while len(self._early) >= self._max_early:
+            oldest, _ = self._early.popitem(last=False)
+            self._evict(oldest, f"early-callback buffer is full ({self._max_early})")
+        self._early[key] = _Early(payload, now)
+        self.counters.buffered += 1
+        return CallbackOutcome.BUFFERED
+
+    def _reject_foreign(self, task_id: str) -> None:
+        self.counters.rejected += 1
+        logger.warning(
+            "rejected a callback for task %s: its token was issued for another submission",
+            task_id,
+        )
+        raise CallbackAuthError(
+            f"callback for task {task_id} carries a token issued for another submission"
+        )
+
+    def _resolve(self, task: Task, payload: CallbackPayload) -> None:
+        task_id = payload.task_id
+        if self._pending.get(task_id) is task:
+            del self._pending[task_id]
+        self._remember(task_id, task.submission_id)
+        self.counters.resolved += 1
+        task._apply(payload)
+
+    def _remember(self, task_id: str, submission_id: str | None) -> None:
+        done = self._done
+        done[task_id] = submission_id
+        if len(done) > self._remember_done:
+            done.popitem(last=False)
+
+    def _evict(self, key: tuple[str, str | None], why: str) -> None:
+        self.counters.evicted += 1
+        logger.warning("dropped an early callback for task %s: %s", key[0], why)
+
+    def _expire_early(self, now: float) -> None:
+        early = self._early
+        limit = now - self._early_max_age
+        while early:
+            key, oldest = next(iter(early.items()))
+            if oldest.arrived > limit:
+                break
+            del early[key]
+            self._evict(key, f"its task was not registered within {self._early_max_age:g} s")

@@ -1,0 +1,253 @@
+"""Tasks: one generated image each, resolved when its callback is fed in.
+
+A :class:`Task` costs a few slots until somebody waits on it; the anyio ``Event`` a waiter
+sleeps on is created by the first wait and dropped by the last, so a hundred thousand
+pending tasks nobody is awaiting yet cost no events and no background tasks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import attrs
+
+from ._exceptions import KeevxError, TaskFailedError, TaskPendingError, TaskTimeoutError
+from ._models import FINISHED_OK, CallbackPayload, ImageRequest, ImageResult
+
+if TYPE_CHECKING:
+    from collections.abc import Generator, Sequence
+
+    from typing_extensions import Self
+
+__all__ = ["SUBMIT_FAILED", "CompletionSink", "Submission", "Task", "wait_all"]
+
+#: ``Task.status`` of a request that could not be submitted (its ``task_id`` is ``None``).
+SUBMIT_FAILED = "SUBMIT_FAILED"
+
+
+class CompletionSink(Protocol):
+    """Something told when a task finishes (a batch collecting completions)."""
+
+    def task_done(self, task: Task) -> None:
+        """Called once, synchronously, right after ``task`` finished."""
+
+
+class Task:
+    """One task of a submission: one image being generated.
+
+    A task is finished by its callback (or by ``retrieve``), by a batch's timeout, or at
+    creation when its request could not be submitted (then ``task_id`` is ``None``).
+
+    ``await task`` (or ``await task.wait(timeout)``) returns the :class:`ImageResult` or
+    raises the task's error; ``done()``, ``result()`` and ``exception()`` never block.
+    Waiting is cancellation-safe: a cancelled waiter leaves the task as it was.
+
+    Attributes:
+        task_id: the service's task ID, ``None`` for a request that was never submitted.
+        request: the :class:`ImageRequest` that created the task.
+        index: the task's position among its request's task IDs (0-based).
+        status: the last status heard (``"GENERATING"`` until a callback says more).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_error",
+        "_position",
+        "_result",
+        "_sink",
+        "_waiters",
+        "index",
+        "request",
+        "status",
+        "submission_id",
+        "task_id",
+    )
+
+    def __init__(
+        self,
+        task_id: str | None,
+        request: ImageRequest,
+        index: int = 0,
+        *,
+        status: str = "GENERATING",
+        submission_id: str | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.request = request
+        self.index = index
+        self.status = status
+        self.submission_id = submission_id
+        self._result: ImageResult | None = None
+        self._error: KeevxError | None = None
+        self._waiters: list[anyio.Event] | None = None
+        self._sink: CompletionSink | None = None
+        # The request's position in a batch's input (for generate_many's alignment).
+        self._position = -1
+
+    @classmethod
+    def _not_submitted(cls, request: ImageRequest, error: KeevxError) -> Self:
+        """A finished task standing for a request whose submit failed."""
+        task = cls(None, request, 0, status=SUBMIT_FAILED)
+        task._error = error
+        return task
+
+    def __repr__(self) -> str:
+        return f"<Task {self.task_id} #{self.index} {self.status}{' done' if self.done() else ''}>"
+
+    # --- reading ----------------------------------------------------------------------
+
+    def done(self) -> bool:
+        """Whether the task has finished, successfully or not."""
+        return self._result is not None or self._error is not None
+
+    def result(self) -> ImageResult:
+        """The task's image. Never blocks.
+
+        Raises:
+            TaskFailedError: the task finished without an image.
+            TaskTimeoutError: a batch stopped waiting for it.
+            KeevxError: for a request that could not be submitted, the submission error.
+            TaskPendingError: the task has not finished yet.
+        """
+        if self._result is not None:
+            return self._result
+        if self._error is not None:
+            raise self._error
+        raise TaskPendingError(self.task_id)
+
+    def exception(self) -> KeevxError | None:
+        """The task's error, or ``None`` if it succeeded. Never blocks.
+
+        Raises:
+            TaskPendingError: the task has not finished yet.
+        """
+        if not self.done():
+            raise TaskPendingError(self.task_id)
+        return self._error
+
+    async def wait(self, timeout: float | None = None) -> ImageResult:
+        """Wait until the task finishes and return its image.
+
+        Args:
+            timeout: the most seconds to wait; ``None`` waits for as long as it takes.
+
+        Raises:
+            TaskTimeoutError: not finished within ``timeout``. The task is unchanged and
+                can still be resolved and awaited later.
+            TaskFailedError: the task finished without an image (and the other errors of
+                :meth:`result`).
+        """
+        if not self.done():
+            event = anyio.Event()
+            self._add_waiter(event)
+            try:
+                with anyio.move_on_after(timeout):
+                    await event.wait()
+            finally:
+                self._forget_waiter(event)
+            if not self.done():
+                raise TaskTimeoutError(
+                    task_id=self.task_id, timeout=timeout or 0.0, request=self.request
+                )
+        return self.result()
+
+    def __await__(self) -> Generator[Any, None, ImageResult]:
+        return self.wait().__await__()
+
+    def _add_waiter(self, event: anyio.Event) -> None:
+        if self._waiters is None:
+            self._waiters = [event]
+        else:
+            self._waiters.append(event)
+
+    def _forget_waiter(self, event: anyio.Event) -> None:
+        waiters = self._waiters
+        if waiters is not None:
+            waiters.remove(event)
+            if not waiters:
+                self._waiters = None
+
+    # --- finishing (called by the registry and by batches) -----------------------------
+
+    def _finish(self, result: ImageResult | None, error: KeevxError | None) -> None:
+        self._result = result
+        self._error = error
+        if self._waiters is not None:
+            for event in self._waiters:
+                event.set()
+        sink = self._sink
+        if sink is not None:
+            self._sink = None
+            sink.task_done(self)
+
+    def _apply(self, payload: CallbackPayload) -> None:
+        """Finish the task from a finished callback or snapshot (first one wins)."""
+        self.status = payload.status
+        if payload.status == FINISHED_OK:
+            result = ImageResult(
+                task_id=payload.task_id,
+                image_url=payload.image_url,
+                request=self.request,
+                index=self.index,
+                status=payload.status,
+                task_type=payload.task_type,
+                raw=payload.raw,
+            )
+            self._finish(result, None)
+        else:
+            error = TaskFailedError(
+                task_id=payload.task_id,
+                status=payload.status,
+                error_message=payload.error_message,
+                request=self.request,
+            )
+            self._finish(None, error)
+
+
+@attrs.frozen
+class Submission:
+    """What one successful submit created: the request and one task per task ID.
+
+    ``task_ids`` and ``tasks`` are in the service's order, so ``tasks[i].index == i``.
+    """
+
+    request: ImageRequest
+    task_ids: tuple[str, ...]
+    tasks: tuple[Task, ...] = attrs.field(eq=False, repr=False)
+
+
+async def wait_all(tasks: Sequence[Task], timeout: float | None) -> list[ImageResult]:
+    """Wait for every task; return their results in order, or raise the first error.
+
+    The first error is raised as soon as it is known, not after the tasks before it.
+
+    Raises:
+        TaskTimeoutError: for the first unfinished task once ``timeout`` seconds passed.
+    """
+    deadline = math.inf if timeout is None else anyio.current_time() + timeout
+    while True:
+        unfinished = []
+        for task in tasks:
+            if task._error is not None:
+                raise task._error
+            if task._result is None:
+                unfinished.append(task)
+        if not unfinished:
+            return [task.result() for task in tasks]
+        # One event shared by all unfinished tasks wakes us at the next completion.
+        event = anyio.Event()
+        for task in unfinished:
+            task._add_waiter(event)
+        try:
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await event.wait()
+        finally:
+            for task in unfinished:
+                task._forget_waiter(event)
+        if not event.is_set():
+            first = unfinished[0]
+            raise TaskTimeoutError(
+                task_id=first.task_id, timeout=timeout or 0.0, request=first.request
+            )
