@@ -10,7 +10,8 @@ a hundred thousand ``Task`` objects and nothing more.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, TypeVar
 
 import anyio
@@ -32,7 +33,7 @@ _T = TypeVar("_T")
 RequestSource = Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str]
 
 
-async def _aiterate(source: Iterable[_T] | AsyncIterable[_T]) -> AsyncIterator[_T]:
+async def _aiterate(source: Iterable[_T] | AsyncIterable[_T]) -> AsyncGenerator[_T, None]:
     if isinstance(source, AsyncIterable):
         async for item in source:
             yield item
@@ -127,9 +128,12 @@ class Batch:
         assert task_group is not None
         task_group.cancel_scope.cancel()
         try:
-            return await task_group.__aexit__(exc_type, exc, tb)
+            # The block's own exception is not handed in, so it propagates as raised
+            # instead of wrapped in an exception group (children never raise).
+            await task_group.__aexit__(None, None, None)
         finally:
             self._release()
+        return None
 
     def _release(self) -> None:
         for task in self._outstanding:
@@ -175,20 +179,20 @@ class Batch:
         slots = anyio.Semaphore(self._concurrency)
         position = 0
         try:
-            items = _aiterate(self._requests)
-            while True:
-                # Take a slot before reading: input is consumed only as fast as it is sent.
-                await slots.acquire()
-                try:
-                    item = await items.__anext__()
-                except StopAsyncIteration:
-                    slots.release()
-                    break
-                request = _as_request(item, position)
-                self.requests_read += 1
-                self._submitting += 1
-                task_group.start_soon(self._submit_one, request, position, slots)
-                position += 1
+            async with aclosing(_aiterate(self._requests)) as items:
+                while True:
+                    # Take a slot before reading: input is consumed only as fast as it is sent.
+                    await slots.acquire()
+                    try:
+                        item = await items.__anext__()
+                    except StopAsyncIteration:
+                        slots.release()
+                        break
+                    request = _as_request(item, position)
+                    self.requests_read += 1
+                    self._submitting += 1
+                    task_group.start_soon(self._submit_one, request, position, slots)
+                    position += 1
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, never swallowed
             self._error = exc
         finally:

@@ -1,0 +1,263 @@
+"""Batches and generate_many: streaming, laziness, failure isolation, cleanup."""
+
+from __future__ import annotations
+
+import gc
+import random
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.lowlevel
+import pytest
+from wiring import wired
+
+import keevx_async as kx
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_batch_yields_every_task_once_with_its_request() -> None:
+    rng = random.Random(3)
+    requests = [kx.ImageRequest(f"p{i}", generate_count=rng.randint(1, 8)) for i in range(30)]
+    seen: dict[str, kx.Task] = {}
+    async with wired({"complete_after": (0.0, 0.02)}, max_concurrency=6) as (fake, client):
+        async with client.batch(requests) as batch:
+            async for task in batch:
+                assert task.done()
+                assert task.task_id is not None
+                assert task.task_id not in seen
+                seen[task.task_id] = task
+        assert (batch.requests_read, batch.submitted, batch.submit_failed) == (30, 30, 0)
+        assert batch.yielded == len(seen) == sum(r.generate_count for r in requests)
+        assert batch.in_flight == 0
+    assert set(seen) == set(fake.tasks)
+    for task_id, task in seen.items():
+        assert fake.tasks[task_id].prompt == task.request.prompt
+        assert fake.tasks[task_id].index == task.index
+        assert task.result().image_url == fake.tasks[task_id].image_url
+
+
+async def test_results_stream_while_the_batch_still_submits() -> None:
+    requests = [kx.ImageRequest(f"p{i}") for i in range(40)]
+    async with wired({"latency": 0.005, "complete_after": 0.0}, max_concurrency=2) as (_, client):
+        async with client.batch(requests) as batch:
+            read_at_first_result = None
+            async for _task in batch:
+                if read_at_first_result is None:
+                    read_at_first_result = batch.requests_read
+    assert read_at_first_result is not None
+    assert read_at_first_result < len(requests)
+
+
+async def test_input_is_read_lazily_no_further_than_the_free_slots() -> None:
+    pulled = 0
+
+    def prompts() -> Iterator[str]:
+        nonlocal pulled
+        for i in range(200):
+            pulled += 1
+            yield f"prompt {i}"
+
+    concurrency = 3
+    async with wired({"latency": 0.002}, max_concurrency=16) as (_, client):
+        async with client.batch(prompts(), concurrency=concurrency) as batch:
+            async for _task in batch:
+                # Never more read than submitted, failed, or in one of the free slots.
+                unsent = pulled - batch.submitted - batch.submit_failed
+                assert unsent <= concurrency
+                assert batch.requests_read == pulled
+    assert pulled == 200
+    assert batch.yielded == 200
+
+
+async def test_async_iterable_input() -> None:
+    async def requests() -> AsyncIterator[kx.ImageRequest]:
+        for i in range(10):
+            await anyio.lowlevel.checkpoint()
+            yield kx.ImageRequest(f"p{i}", generate_count=2)
+
+    async with wired() as (fake, client):
+        async with client.batch(requests()) as batch:
+            tasks = [task async for task in batch]
+    assert len(tasks) == 20 == len(fake.tasks)
+    assert {t.task_id for t in tasks} == set(fake.tasks)
+
+
+async def test_failed_submit_is_yielded_as_a_task_without_id() -> None:
+    requests = [kx.ImageRequest(f"p{i}") for i in range(5)]
+    async with wired(max_concurrency=1) as (fake, client):
+        fake.inject(400)
+        async with client.batch(requests) as batch:
+            tasks = [task async for task in batch]
+    failed = [t for t in tasks if t.task_id is None]
+    assert len(failed) == 1
+    assert failed[0].request is requests[0]
+    assert failed[0].status == "SUBMIT_FAILED"
+    error = failed[0].exception()
+    assert isinstance(error, kx.APIError)
+    assert error.status_code == 400
+    with pytest.raises(kx.APIError):
+        failed[0].result()
+    assert len(tasks) == 5
+    assert batch.submit_failed == 1
+
+
+async def test_task_failures_are_isolated() -> None:
+    requests = [kx.ImageRequest("ok 1"), kx.ImageRequest("bad 2"), kx.ImageRequest("ok 3")]
+    async with wired({"fail_if": lambda prompt: prompt.startswith("bad")}) as (_, client):
+        async with client.batch(requests) as batch:
+            outcomes = {task.request.prompt: task.exception() async for task in batch}
+    assert outcomes["ok 1"] is None
+    assert outcomes["ok 3"] is None
+    assert isinstance(outcomes["bad 2"], kx.TaskFailedError)
+
+
+async def test_batch_timeout_yields_overdue_tasks_with_task_timeout_error() -> None:
+    async with wired({"lost_rate": 1.0}) as (fake, client):
+        requests = [kx.ImageRequest(f"p{i}", generate_count=2) for i in range(4)]
+        async with client.batch(requests, timeout=0.05) as batch:
+            tasks = [task async for task in batch]
+        stats = client.stats
+        await fake.wait_idle()
+    assert len(tasks) == 8
+    for task in tasks:
+        error = task.exception()
+        assert isinstance(error, kx.TaskTimeoutError)
+        assert error.task_id == task.task_id
+        assert error.timeout == 0.05
+    assert stats.pending == 0
+
+
+async def test_late_callback_after_batch_timeout_is_a_duplicate() -> None:
+    async with wired({"complete_after": 0.3}) as (fake, client):
+        async with client.batch([kx.ImageRequest("slow")], timeout=0.05) as batch:
+            (task,) = [t async for t in batch]
+        assert isinstance(task.exception(), kx.TaskTimeoutError)
+        await fake.wait_idle()
+        stats = client.stats
+    assert fake.callbacks_sent == 1
+    assert stats.callbacks_duplicate == 1
+    assert stats.buffered == 0
+
+
+async def test_leaving_the_block_early_cancels_and_leaks_nothing() -> None:
+    requests = [kx.ImageRequest(f"p{i}", generate_count=3) for i in range(50)]
+    async with wired({"complete_after": (0.0, 0.05)}, max_concurrency=4) as (fake, client):
+        async with client.batch(requests) as batch:
+            async for _task in batch:
+                break
+        stats = client.stats
+        await fake.wait_idle()
+        after = client.stats
+    assert batch.requests_read < 50
+    assert stats.pending == 0
+    assert stats.buffered == 0
+    assert after.pending == 0
+    assert after.buffered == 0  # late callbacks of cancelled tasks are not kept
+
+
+async def test_cancelling_a_running_batch_leaks_nothing() -> None:
+    requests = [kx.ImageRequest(f"p{i}") for i in range(30)]
+    async with wired({"lost_rate": 1.0}, max_concurrency=4) as (_, client):
+        with anyio.move_on_after(0.1) as scope:
+            async with client.batch(requests) as batch:
+                async for _task in batch:
+                    pass
+        assert scope.cancelled_caught
+        assert batch.submitted > 0
+        assert client.stats.pending == 0
+
+
+async def test_exception_in_the_block_propagates_unwrapped() -> None:
+    async with wired() as (_, client):
+        with pytest.raises(LookupError, match="mine"):
+            async with client.batch([kx.ImageRequest("x")]) as batch:
+                async for _task in batch:
+                    raise LookupError("mine")
+        assert client.stats.pending == 0
+
+
+@pytest.mark.parametrize(("bad", "error"), [(42, TypeError), ("", kx.InvalidRequestError)])
+async def test_invalid_input_item_stops_the_batch_with_a_clear_error(
+    bad: object, error: type[Exception]
+) -> None:
+    items: list[object] = ["fine", bad, "never read"]
+    async with wired() as (_, client):
+        with pytest.raises(error, match=r"prompt|requests\[1\]"):
+            async with client.batch(items) as batch:  # type: ignore[arg-type]
+                async for _task in batch:
+                    pass
+        assert client.stats.pending == 0
+
+
+async def test_batch_concurrency_is_capped_at_the_server() -> None:
+    async with wired({"latency": 0.01}, max_concurrency=16) as (fake, client):
+        async with client.batch([f"p{i}" for i in range(20)], concurrency=2) as batch:
+            async for _task in batch:
+                pass
+    assert fake.max_in_flight == 2
+
+
+async def test_batch_refuses_bad_options() -> None:
+    async with wired() as (_, client):
+        with pytest.raises(ValueError, match="concurrency"):
+            async with client.batch([], concurrency=0):
+                pass
+        with pytest.raises(ValueError, match="timeout"):
+            async with client.batch([], timeout=0):
+                pass
+        async with client.batch([]) as empty:
+            assert [t async for t in empty] == []
+
+
+async def test_generate_many_is_aligned_with_its_input() -> None:
+    requests: list[kx.ImageRequest | str] = [
+        kx.ImageRequest("ok", generate_count=3),
+        "bad prompt",
+        kx.ImageRequest("refused"),
+        "ok again",
+    ]
+    async with wired({"fail_if": lambda prompt: prompt.startswith("bad")}, max_concurrency=1) as (
+        fake,
+        client,
+    ):
+        fake.inject(500, times=1)  # the first submit to arrive fails
+        results = await client.generate_many(requests)
+    assert [len(r) for r in results] == [1, 1, 1, 1]
+    assert isinstance(results[0][0], kx.ServerError)
+    assert isinstance(results[1][0], kx.TaskFailedError)
+    assert all(isinstance(r[0], kx.ImageResult) for r in results[2:])
+
+
+async def test_generate_many_orders_each_requests_results_by_task_index() -> None:
+    requests = [kx.ImageRequest(f"p{i}", generate_count=8) for i in range(5)]
+    async with wired({"shuffle": True, "complete_after": (0.0, 0.03)}) as (fake, client):
+        results = await client.generate_many(requests)
+    for request, outcome in zip(requests, results, strict=True):
+        assert [r.index for r in outcome if isinstance(r, kx.ImageResult)] == list(range(8))
+        assert all(
+            isinstance(r, kx.ImageResult) and fake.tasks[r.task_id].prompt == request.prompt
+            for r in outcome
+        )
+
+
+async def test_ten_thousand_tasks_leave_the_registry_flat() -> None:
+    requests = [kx.ImageRequest(f"prompt {i}", generate_count=4) for i in range(2500)]
+    async with wired({"complete_after": (0.0, 0.01)}, max_concurrency=64) as (fake, client):
+        count = 0
+        peak_pending = 0
+        async with client.batch(requests) as batch:
+            async for task in batch:
+                count += 1
+                assert task.result().image_url.endswith(f"/{task.task_id}.png")
+                peak_pending = max(peak_pending, client.stats.pending)
+        gc.collect()
+        stats = client.stats
+    assert count == 10_000 == len(fake.tasks)
+    assert peak_pending > 0
+    assert stats.pending == 0
+    assert stats.buffered == 0
+    assert stats.resolved_by_callback == 10_000
