@@ -75,6 +75,8 @@ DEFAULT_BASE_URL: Final = "https://api.keevx.cn"
 _SUBMIT_PATH: Final = "/v1/image_generate"
 # Exceptions raised before a request left this machine: safe to retry, nothing created.
 _NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# Also never sent, but retrying cannot help: a URL or request this machine cannot send.
+_UNSENDABLE: Final = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 # Headroom in the pool beyond the submit limit, for lookups running beside full fan-out.
 _POOL_HEADROOM: Final = 4
 
@@ -160,7 +162,8 @@ class AsyncKeevx:
         callback_url: where the service calls back; default ``$KEEVX_CALLBACK_URL``.
             A per-request ``ImageRequest.callback_url`` wins.
         max_concurrency: submissions in flight at once, shared by every method.
-        max_per_second: optional cap on HTTP attempts started per second, evenly spaced.
+        max_per_second: optional cap on submit attempts started per second, evenly
+            spaced (no bursts).
         max_retries: retries of attempts the service provably did not act on.
         max_retry_wait: a ``Retry-After`` longer than this raises :class:`RateLimitError`
             instead of sleeping.
@@ -548,7 +551,8 @@ class AsyncKeevx:
         what = f"{method} {url}"
         attempt = 0
         while True:
-            await self._throttle.before_attempt()
+            # max_per_second paces submits; every attempt honours the 429 pause.
+            await self._throttle.before_attempt(paced=not idempotent)
             try:
                 response = await self._http.request(
                     method, url, content=content, headers=self._headers, timeout=self._timeout
@@ -564,11 +568,7 @@ class AsyncKeevx:
                     )  # fmt: skip
                     await anyio.sleep(delay)
                     continue
-                maybe_created = (
-                    not idempotent
-                    and not not_sent
-                    and not isinstance(exc, httpx.UnsupportedProtocol)
-                )
+                maybe_created = not (idempotent or not_sent or isinstance(exc, _UNSENDABLE))
                 raise TransportError(
                     f"{what} failed: {_describe(exc)}",
                     request=request,

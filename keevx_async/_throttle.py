@@ -82,14 +82,15 @@ class Throttle:
             self._paused_until = until
             logger.warning("pausing all requests of this client for %.2f s: %s", seconds, reason)
 
-    async def before_attempt(self) -> None:
-        """Wait out the pause, then the pace slot; return when the attempt may start."""
+    async def before_attempt(self, *, paced: bool = True) -> None:
+        """Wait out the pause, then (when ``paced``) the pace slot; return when the
+        attempt may start."""
         while True:
             wait = self._paused_until - anyio.current_time()
             if wait > 0:
                 await anyio.sleep(wait)
                 continue
-            if self._interval:
+            if paced and self._interval:
                 now = anyio.current_time()
                 # Slots are reserved synchronously, so concurrent callers get distinct ones.
                 slot = max(now, self._next_slot)
