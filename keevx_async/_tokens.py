@@ -30,8 +30,13 @@ _DOMAIN: Final = b"keevx-callback-token-v1:"
 _MAC_BYTES: Final = 16
 
 
-def _as_key(secret: str | bytes) -> bytes:
-    key = secret.encode() if isinstance(secret, str) else bytes(secret)
+def _as_key(secret: object) -> bytes:
+    if isinstance(secret, str):
+        key = secret.encode()
+    elif isinstance(secret, (bytes, bytearray)):
+        key = bytes(secret)
+    else:
+        raise TypeError(f"a callback secret must be str or bytes; got {type(secret).__name__}")
     if not key:
         raise ValueError("callback_secret must not be empty")
     return key
@@ -49,7 +54,7 @@ class CallbackSigner:
     def __init__(self, secret: str | bytes | Sequence[str | bytes] | None) -> None:
         if secret is None:
             keys = [secrets.token_bytes(32)]
-        elif isinstance(secret, (str, bytes)):
+        elif isinstance(secret, (str, bytes, bytearray)):
             keys = [_as_key(secret)]
         else:
             keys = [_as_key(s) for s in secret]
@@ -71,7 +76,8 @@ class CallbackSigner:
 
         Compares in constant time against every secret.
         """
-        if not token:
+        # Query values arrive percent-decoded: anything at all can show up here.
+        if not token or not token.isascii():
             return None
         submission_id, dot, mac = token.partition(".")
         if not dot or not submission_id or not mac:

@@ -122,8 +122,6 @@ def _structure(value: object, cls: type[Any], what: str, prefix: str = "") -> An
         reason = cattrs.transform_error(exc, path="")[0].split(" @ ")[0]
         where = f" field {field!r}" if field else ""
         raise WireFormatError(f"{what}{where} is invalid: {reason}", field=field) from None
-    except (TypeError, ValueError) as exc:  # a top-level shape problem
-        raise WireFormatError(f"{what} is invalid: {exc}") from None
 
 
 def load_json(body: bytes | str, what: str) -> Any:
@@ -135,7 +133,7 @@ def load_json(body: bytes | str, what: str) -> Any:
 
 
 def _require_object(value: object, what: str, field: str | None = None) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
+    if not isinstance(value, Mapping):
         where = f" field {field!r}" if field else ""
         raise WireFormatError(
             f"{what}{where} must be a JSON object; got {type(value).__name__}", field=field
@@ -179,6 +177,11 @@ def decode_envelope(body: bytes | str, what: str) -> Envelope:
 def decode_task_ids(data: object) -> tuple[str, ...]:
     """The task IDs of a successful submit reply's ``data``."""
     value = _require_object(data, "submit reply", "data")
+    if not isinstance(value.get("task_ids"), list):
+        # cattrs would happily read a string as a list of one-letter task IDs.
+        raise WireFormatError(
+            "submit reply field 'data.task_ids' must be a JSON array", field="data.task_ids"
+        )
     submit: _SubmitData = _structure(value, _SubmitData, "submit reply", "data.")
     if not submit.task_ids or not all(submit.task_ids):
         raise WireFormatError(
@@ -192,6 +195,8 @@ def decode_snapshot(data: object) -> TaskSnapshot:
     value = _require_object(data, "task reply", "data")
     task: _TaskData = _structure(value, _TaskData, "task reply", "data.")
     _require_task_id(task.task_id, "task reply")
+    if not task.status:
+        raise WireFormatError("task reply field 'data.status' is empty", field="data.status")
     return TaskSnapshot(
         task_id=task.task_id,
         status=task.status,
