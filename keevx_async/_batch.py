@@ -60,8 +60,9 @@ class Batch:
     failure or timeout), and every request that could not be submitted as a task with
     ``task_id=None``. The loop ends when every request was read, submitted and finished.
 
-    The counters (``requests_read``, ``submitted``, ``submit_failed``, ``in_flight``,
-    ``yielded``) are live, for progress displays.
+    The counters are live, for progress displays: ``requests_read``, ``submitting``,
+    ``submitted`` and ``submit_failed`` count requests; ``in_flight`` and ``yielded``
+    count tasks.
 
     Raises (from the ``async for``):
         TypeError, InvalidRequestError: an item of ``requests`` is not a valid request.
@@ -106,6 +107,11 @@ class Batch:
     def in_flight(self) -> int:
         """Tasks submitted and not finished yet."""
         return len(self._outstanding)
+
+    @property
+    def submitting(self) -> int:
+        """Requests whose submit is under way (at most the batch's concurrency)."""
+        return self._submitting
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -207,7 +213,7 @@ class Batch:
         except KeevxError as exc:
             self.submit_failed += 1
             failed = Task._not_submitted(request, exc)
-            failed._position = position
+            failed.position = position
             self._completed.append(failed)
         except Exception as exc:  # noqa: BLE001 - a bug or a broken transport: stop the batch
             self._error = exc
@@ -215,7 +221,7 @@ class Batch:
             self.submitted += 1
             deadline = None if self._timeout is None else anyio.current_time() + self._timeout
             for task in submission.tasks:
-                task._position = position
+                task.position = position
                 if task.done():  # an early callback was waiting for it
                     self._completed.append(task)
                     continue
@@ -259,7 +265,8 @@ async def collect_aligned(batch: Batch) -> list[list[ImageResult | KeevxError]]:
     async for task in batch:
         error = task.exception()
         outcome: ImageResult | KeevxError = task.result() if error is None else error
-        by_position.setdefault(task._position, []).append((task.index, outcome))
+        assert task.position is not None  # set by the batch for every task it yields
+        by_position.setdefault(task.position, []).append((task.index, outcome))
     return [
         [outcome for _, outcome in sorted(by_position[position], key=lambda pair: pair[0])]
         for position in range(len(by_position))

@@ -88,6 +88,9 @@ class ClientStats:
     Attributes:
         submitted: requests accepted by the service (successful submits).
         submit_errors: submits that raised.
+        retries: HTTP attempts repeated under the retry policy (submits and lookups).
+        rate_limited: replies that paused the whole client (429, or 503 with
+            ``Retry-After``).
         tasks_created: task IDs received.
         resolved_by_callback: tasks finished by a callback.
         resolved_by_lookup: tasks finished by ``retrieve``.
@@ -103,6 +106,8 @@ class ClientStats:
 
     submitted: int
     submit_errors: int
+    retries: int
+    rate_limited: int
     tasks_created: int
     resolved_by_callback: int
     resolved_by_lookup: int
@@ -120,6 +125,8 @@ class ClientStats:
 class _Counters:
     submitted: int = 0
     submit_errors: int = 0
+    retries: int = 0
+    rate_limited: int = 0
     tasks_created: int = 0
     resolved_by_lookup: int = 0
     lookups: int = 0
@@ -510,6 +517,8 @@ class AsyncKeevx:
         return ClientStats(
             submitted=self._counters.submitted,
             submit_errors=self._counters.submit_errors,
+            retries=self._counters.retries,
+            rate_limited=self._counters.rate_limited,
             tasks_created=self._counters.tasks_created,
             resolved_by_callback=counts.resolved - self._counters.resolved_by_lookup,
             resolved_by_lookup=self._counters.resolved_by_lookup,
@@ -562,6 +571,7 @@ class AsyncKeevx:
                 if (not_sent or idempotent) and attempt < self.max_retries:
                     delay = backoff_delay(attempt)
                     attempt += 1
+                    self._counters.retries += 1
                     logger.warning(
                         "retrying %s in %.2f s (retry %d of %d): %s",
                         what, delay, attempt, self.max_retries, _describe(exc),
@@ -592,7 +602,9 @@ class AsyncKeevx:
                 )
             delay = retry_after if retry_after is not None else backoff_delay(attempt)
             attempt += 1
+            self._counters.retries += 1
             if throttled:
+                self._counters.rate_limited += 1
                 self._throttle.pause(delay, f"HTTP {status} from {what}")
             else:
                 await anyio.sleep(delay)

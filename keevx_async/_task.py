@@ -49,16 +49,20 @@ class Task:
         request: the :class:`ImageRequest` that created the task.
         index: the task's position among its request's task IDs (0-based).
         status: the last status heard (``"GENERATING"`` until a callback says more).
+        position: in a batch, the position of the task's request in the batch's input
+            (0-based; ``None`` outside a batch). Tasks of one request share it.
+        submission_id: the ID the client gave the submission (bound to its callback
+            token); ``None`` where callbacks are not verified.
     """
 
     __slots__ = (
         "__weakref__",
         "_error",
-        "_position",
         "_result",
         "_sink",
         "_waiters",
         "index",
+        "position",
         "request",
         "status",
         "submission_id",
@@ -83,8 +87,7 @@ class Task:
         self._error: KeevxError | None = None
         self._waiters: list[anyio.Event] | None = None
         self._sink: CompletionSink | None = None
-        # The request's position in a batch's input (for generate_many's alignment).
-        self._position = -1
+        self.position: int | None = None
 
     @classmethod
     def _not_submitted(cls, request: ImageRequest, error: KeevxError) -> Self:

@@ -160,15 +160,24 @@ async def test_leaving_the_block_early_cancels_and_leaks_nothing() -> None:
 
 
 async def test_cancelling_a_running_batch_leaks_nothing() -> None:
-    requests = [kx.ImageRequest(f"p{i}") for i in range(30)]
+    requests = [kx.ImageRequest(f"p{i}", generate_count=2) for i in range(30)]
+
+    async def cancel_once_submitted(batch: kx.Batch, scope: anyio.CancelScope) -> None:
+        while batch.submitted < 5:  # noqa: ASYNC110 - a batch has no event for it
+            await anyio.sleep(0.001)
+        scope.cancel()
+
     async with wired({"lost_rate": 1.0}, max_concurrency=4) as (_, client):
-        with anyio.move_on_after(0.1) as scope:
-            async with client.batch(requests) as batch:
+        with anyio.CancelScope() as scope:
+            async with client.batch(requests) as batch, anyio.create_task_group() as tg:
+                tg.start_soon(cancel_once_submitted, batch, scope)
                 async for _task in batch:
                     pass
         assert scope.cancelled_caught
-        assert batch.submitted > 0
+        assert batch.submitted >= 5
+        assert batch.yielded == 0
         assert client.stats.pending == 0
+        assert client.stats.tasks_created >= 10
 
 
 async def test_exception_in_the_block_propagates_unwrapped() -> None:

@@ -514,7 +514,8 @@ async def test_rate_limit_retries_are_bounded() -> None:
     assert fake.submit_calls == 3
     assert fake.accepted_submits == 0
     assert caught.value.maybe_created is False
-    assert client.stats.submit_errors == 1
+    stats = client.stats
+    assert (stats.submit_errors, stats.retries, stats.rate_limited) == (1, 2, 2)
 
 
 async def test_503_with_retry_after_is_retried() -> None:
@@ -685,6 +686,7 @@ async def test_retrieve_retries_transient_failures() -> None:
         snapshot = await client.retrieve(task.task_id or "")
     assert snapshot.done
     assert fake.get_calls == 3
+    assert (client.stats.retries, client.stats.rate_limited) == (2, 0)
 
 
 async def test_retrieve_refuses_an_empty_task_id() -> None:
