@@ -449,7 +449,9 @@ class AsyncKeevx:
                 response=response,
             ) from None
         self._counters.lookups += 1
-        if snapshot.done and (snapshot.status != FINISHED_OK or snapshot.image_url):
+        finished = snapshot.done and (snapshot.status != FINISHED_OK or snapshot.image_url)
+        # Only a task this client waits for is resolved; others are not buffered.
+        if finished and snapshot.task_id == task_id and self._registry.get(task_id) is not None:
             payload = CallbackPayload(
                 task_id=snapshot.task_id,
                 status=snapshot.status,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
+import httpx
 import pytest
 from wiring import wired
 
@@ -206,8 +207,26 @@ async def test_batch_concurrency_is_capped_at_the_server() -> None:
     async with wired({"latency": 0.01}, max_concurrency=16) as (fake, client):
         async with client.batch([f"p{i}" for i in range(20)], concurrency=2) as batch:
             async for _task in batch:
-                pass
+                assert batch.submitting <= 2
     assert fake.max_in_flight == 2
+    assert batch.submitting == 0
+
+
+class BrokenTransport(httpx.AsyncBaseTransport):
+    """A transport failing with an error that is not httpx's: a bug, not a network fault."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("transport bug")
+
+
+async def test_unexpected_error_in_a_submit_stops_the_batch_unwrapped() -> None:
+    async with httpx.AsyncClient(transport=BrokenTransport()) as http:
+        client = kx.AsyncKeevx(api_key="k", base_url="https://api.example.test", http_client=http)
+        with pytest.raises(RuntimeError, match="transport bug"):
+            async with client.batch(["a", "b"]) as batch:
+                async for _task in batch:
+                    pass
+        assert client.stats.pending == 0
 
 
 async def test_batch_refuses_bad_options() -> None:

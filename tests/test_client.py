@@ -689,6 +689,30 @@ async def test_retrieve_retries_transient_failures() -> None:
     assert (client.stats.retries, client.stats.rate_limited) == (2, 0)
 
 
+async def test_retrieve_of_a_task_nobody_waits_for_changes_nothing() -> None:
+    async with wired({"lost_rate": 1.0}) as (fake, client):
+        task_id = (await client.submit(kx.ImageRequest("x"))).task_ids[0]
+        # The submission was dropped, so nothing waits for the task any more.
+        await fake.wait_idle()
+        snapshot = await client.retrieve(task_id)
+        stats = client.stats
+    assert snapshot.done
+    assert (stats.pending, stats.buffered, stats.resolved_by_lookup) == (0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, [], {"task_id": "i2is-a"}, {"task_id": "i2is-a", "status": ""}],
+)
+async def test_unreadable_task_reply_raises_api_error(data: object) -> None:
+    app = ScriptedApp((200, {"code": 0, "msg": "ok", "data": data}, {}))
+    async with scripted_client(app) as client:
+        with pytest.raises(kx.APIError, match="unreadable task reply") as caught:
+            await client.retrieve("i2is-a")
+    assert caught.value.task_id == "i2is-a"
+    assert caught.value.maybe_created is False
+
+
 async def test_retrieve_refuses_an_empty_task_id() -> None:
     async with wired() as (fake, client):
         with pytest.raises(ValueError, match="task_id"):
