@@ -94,14 +94,14 @@ class Batch:
         self._wakeup: anyio.Event | None = None
         self._timer_wakeup: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
-        #: Requests read from the input so far.
         self.requests_read = 0
-        #: Requests the service accepted.
+        """Requests read from the input so far."""
         self.submitted = 0
-        #: Requests whose submit failed (each yielded as a task with ``task_id=None``).
+        """Requests the service accepted."""
         self.submit_failed = 0
-        #: Tasks yielded so far.
+        """Requests whose submit failed (each yielded as a task with ``task_id=None``)."""
         self.yielded = 0
+        """Tasks yielded so far."""
 
     @property
     def in_flight(self) -> int:
@@ -116,6 +116,8 @@ class Batch:
     # --- lifetime ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        if self._task_group is not None:
+            raise RuntimeError("a batch runs once: make a new one with client.batch(...)")
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -155,6 +157,8 @@ class Batch:
         return self
 
     async def __anext__(self) -> Task:
+        if self._task_group is None:
+            raise RuntimeError("iterate a batch inside `async with client.batch(...) as batch:`")
         while True:
             if self._completed:
                 self.yielded += 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
@@ -59,7 +58,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+    from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
     from types import TracebackType
 
     from typing_extensions import Self
@@ -70,8 +69,8 @@ __all__ = ["DEFAULT_BASE_URL", "AsyncKeevx", "ClientStats"]
 
 logger = logging.getLogger("keevx_async")
 
-#: The mainland service, the default. The international one is ``https://api.keevx.com``.
 DEFAULT_BASE_URL: Final = "https://api.keevx.cn"
+"""The mainland service, the default. The international one is ``https://api.keevx.com``."""
 _SUBMIT_PATH: Final = "/v1/image_generate"
 # Exceptions raised before a request left this machine: safe to retry, nothing created.
 _NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
@@ -152,7 +151,7 @@ class AsyncKeevx:
 
     Submits requests concurrently under ``max_concurrency``, maps every returned task ID
     to the request that created it, and resolves each task when its callback is fed in
-    (:meth:`feed_callback` or :attr:`callback_app`). Use it as an async context manager
+    (`feed_callback` or `callback_app`). Use it as an async context manager
     so its HTTP connections are closed:
 
     ```python
@@ -164,7 +163,7 @@ class AsyncKeevx:
 
     Args:
         api_key: the API key; default ``$KEEVX_API_KEY``. None at all raises
-            :class:`AuthenticationError` here.
+            [`AuthenticationError`][keevx_async.AuthenticationError] here.
         base_url: default ``$KEEVX_BASE_URL``, else ``https://api.keevx.cn``.
         callback_url: where the service calls back; default ``$KEEVX_CALLBACK_URL``.
             A per-request ``ImageRequest.callback_url`` wins.
@@ -172,7 +171,8 @@ class AsyncKeevx:
         max_per_second: optional cap on submit attempts started per second, evenly
             spaced (no bursts).
         max_retries: retries of attempts the service provably did not act on.
-        max_retry_wait: a ``Retry-After`` longer than this raises :class:`RateLimitError`
+        max_retry_wait: a ``Retry-After`` longer than this raises
+            [`RateLimitError`][keevx_async.RateLimitError]
             instead of sleeping.
         timeout: seconds (or an ``httpx.Timeout``) per HTTP attempt.
         http_client: an ``httpx.AsyncClient`` to send through (not closed by us).
@@ -305,13 +305,14 @@ class AsyncKeevx:
     async def submit(self, request: ImageRequest) -> Submission:
         """Submit one request: one HTTP call, under the client's concurrency limit.
 
-        Returns a :class:`Submission` whose tasks resolve as their callbacks arrive.
+        Returns a [`Submission`][keevx_async.Submission] whose tasks resolve as their callbacks
+        arrive.
 
         Raises:
             APIError: the service refused or failed (``maybe_created`` says whether
                 tasks may exist anyway).
             TransportError: the exchange failed (``maybe_created`` likewise).
-            TypeError: ``request`` is not an :class:`ImageRequest`.
+            TypeError: ``request`` is not an [`ImageRequest`][keevx_async.ImageRequest].
         """
         if not isinstance(request, ImageRequest):
             raise TypeError(f"submit() takes an ImageRequest; got {type(request).__name__}")
@@ -348,7 +349,7 @@ class AsyncKeevx:
             timeout: the most seconds to wait for the tasks after the submit reply.
 
         Returns:
-            one :class:`ImageResult` per task, in task order.
+            one [`ImageResult`][keevx_async.ImageResult] per task, in task order.
 
         Raises:
             TaskFailedError: the first task error, as soon as it is known.
@@ -363,15 +364,16 @@ class AsyncKeevx:
                 if not task.done():
                     self._registry.abandon(task)
 
-    @asynccontextmanager
-    async def batch(
+    def batch(
         self,
         requests: Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[Batch]:
-        """Submit many requests while their results stream in.
+    ) -> Batch:
+        """A [`Batch`][keevx_async.Batch]: submit many requests while their results stream in.
+
+        Use it as an async context manager; nothing starts before the block is entered.
 
         ```python
         async with client.batch(requests, timeout=600) as batch:
@@ -380,9 +382,10 @@ class AsyncKeevx:
                     print(task.request.prompt, task.result().image_url)
         ```
 
-        ``requests`` (an iterable or async iterable of :class:`ImageRequest`, or of prompt
+        ``requests`` (an iterable or async iterable of [`ImageRequest`][keevx_async.ImageRequest],
+        or of prompt
         strings) is read lazily, as submit slots free up. ``async for task in batch``
-        yields every :class:`Task` as it finishes, in completion order; a request whose
+        yields every [`Task`][keevx_async.Task] as it finishes, in completion order; a request whose
         submit failed yields one task with ``task_id=None`` whose ``result()`` raises the
         submission error. Leaving the block cancels what is unfinished.
 
@@ -390,21 +393,21 @@ class AsyncKeevx:
             concurrency: submits in flight for this batch (never more than the client's
                 ``max_concurrency``); default the client's.
             timeout: the most seconds to wait for each task after its submit reply; a
-                task not done by then is yielded with :class:`TaskTimeoutError`.
+                task not done by then is yielded with
+                [`TaskTimeoutError`][keevx_async.TaskTimeoutError].
         """
         limit = (
             self.max_concurrency
             if concurrency is None
             else _positive_int("concurrency", concurrency)
         )
-        async with Batch(
+        return Batch(
             requests,
             submit=self.submit,
             abandon=self._registry.abandon,
             concurrency=limit,
             timeout=timeout,
-        ) as running:
-            yield running
+        )
 
     async def generate_many(
         self,

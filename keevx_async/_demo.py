@@ -1,8 +1,8 @@
 """``python -m keevx_async demo``: the SDK end to end on this machine, no API key needed.
 
-Everything runs on 127.0.0.1: :class:`~keevx_async.testing.FakeKeevx` serves the API on
+Everything runs on 127.0.0.1: [`FakeKeevx`][keevx_async.testing.FakeKeevx] serves the API on
 one loopback port, the client's ``callback_app`` receives the callbacks on another, and
-an :class:`~keevx_async.AsyncKeevx` between them submits a batch of requests. The output
+an [`AsyncKeevx`][keevx_async.AsyncKeevx] between them submits a batch of requests. The output
 shows live progress, then every request with the task IDs it was given and each task's
 result, so the mapping request -> task IDs -> result can be read off directly.
 
@@ -40,21 +40,21 @@ DEFAULT_REQUESTS: Final = 50
 DEFAULT_SEED: Final = 7
 DEFAULT_CONCURRENCY: Final = 8
 
-#: Prompts starting with this are refused by the emulated moderation: all their tasks fail.
 FLAGGED_MARKER: Final = "[flagged]"
-#: The share of requests that carry the marker.
+"""Prompts starting with this are refused by the emulated moderation: all their tasks fail."""
 FLAGGED_SHARE: Final = 0.1
+"""The share of requests that carry the marker."""
 CALLBACK_PATH: Final = "/keevx/callback"
-#: Seconds the emulated service takes to finish a task, drawn uniformly.
 COMPLETE_AFTER: Final = (0.05, 0.6)
-#: The scripted 429's Retry-After, in seconds.
+"""Seconds the emulated service takes to finish a task, drawn uniformly."""
 RATE_LIMIT_PAUSE: Final = 0.2
-#: The most seconds a task may take after its submit reply before it is reported late.
+"""The scripted 429's Retry-After, in seconds."""
 TASK_TIMEOUT: Final = 15.0
-#: Seconds between redraws of the live status line.
+"""The most seconds a task may take after its submit reply before it is reported late."""
 REFRESH_INTERVAL: Final = 0.1
-#: On a non-terminal output, one progress line per this many finished tasks.
+"""Seconds between redraws of the live status line."""
 PROGRESS_EVERY: Final = 10
+"""On a non-terminal output, one progress line per this many finished tasks."""
 
 _PROMPT_WIDTH: Final = 34
 _TASK_ID_CHARS: Final = 12
@@ -89,7 +89,7 @@ def build_requests(count: int, seed: int) -> list[ImageRequest]:
     """The demo's requests: ``count`` varied prompts, 1..4 images each, seeded.
 
     About one request in ten (at least one, when there are two or more) starts with
-    :data:`FLAGGED_MARKER`, which the demo's emulated service refuses.
+    `FLAGGED_MARKER`, which the demo's emulated service refuses.
     """
     rng = random.Random(seed)
     flagged_count = max(1, round(count * FLAGGED_SHARE)) if count >= 2 else 0

@@ -49,7 +49,8 @@ class KeevxError(Exception):
     """Base class of every error raised by keevx_async.
 
     ``maybe_created`` is ``False`` here; the submit errors that could hide billed tasks
-    (:class:`APIError`, :class:`TransportError`) set it per instance.
+    ([`APIError`][keevx_async.APIError], [`TransportError`][keevx_async.TransportError]) set it per
+    instance.
     """
 
     maybe_created: bool = False
@@ -74,7 +75,7 @@ class APIError(KeevxError):
             found, ...) or the HTTP status when the reply had no readable code.
         msg: the service's own explanation.
         status_code: the HTTP status of the reply (``200`` for business errors).
-        request: the :class:`~keevx_async.ImageRequest` that was being submitted, if any.
+        request: the [`ImageRequest`][keevx_async.ImageRequest] that was being submitted, if any.
         task_id: the task being looked up, for errors of ``retrieve``.
         response: the ``httpx.Response``, when there was one.
         maybe_created: whether the service may have created tasks for the request.
@@ -192,7 +193,7 @@ class TaskFailedError(KeevxError):
         task_id: the task's ID.
         status: the finished status the service reported (``"FAILED"`` or another one).
         error_message: the service's explanation, possibly empty.
-        request: the :class:`~keevx_async.ImageRequest` that created the task.
+        request: the [`ImageRequest`][keevx_async.ImageRequest] that created the task.
     """
 
     def __init__(

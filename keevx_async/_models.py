@@ -1,7 +1,8 @@
 """Value objects: the request, the result, the snapshot and the callback payload.
 
-Every rule of the service is checked when an :class:`ImageRequest` is built, so nothing
-invalid is ever sent. These classes know nothing of JSON; :mod:`keevx_async._wire` does.
+Every rule of the service is checked when an [`ImageRequest`][keevx_async.ImageRequest] is built,
+so nothing
+invalid is ever sent. These classes know nothing of JSON; `keevx_async._wire` does.
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ class ImageRequest:
     """One call to the image generation endpoint. Immutable and validated.
 
     Every rule of the service is checked here, at construction; a broken one raises
-    :class:`~keevx_async.InvalidRequestError` naming the field and what is allowed.
+    [`InvalidRequestError`][keevx_async.InvalidRequestError] naming the field and what is allowed.
 
     Args:
         prompt: what to draw, 1..1000 characters.
@@ -257,15 +258,16 @@ class CallbackPayload:
 class CallbackOutcome(str, enum.Enum):
     """What feeding one callback did."""
 
-    #: A waiting task was completed by this callback.
     RESOLVED = "resolved"
-    #: The task ID is not known yet (the submit reply has not arrived): the callback is
-    #: kept and applied when the reply registers the task.
+    """A waiting task was completed by this callback."""
     BUFFERED = "buffered"
-    #: The task had already finished: nothing changed.
+    """The task ID is not known yet (the submit reply has not arrived): the callback is
+    kept and applied when the reply registers the task.
+    """
     DUPLICATE = "duplicate"
-    #: A non-finished status (``GENERATING``, ...): the task's status was updated.
+    """The task had already finished: nothing changed."""
     PROGRESS = "progress"
+    """A non-finished status (``GENERATING``, ...): the task's status was updated."""
 
     def __str__(self) -> str:
         return self.value

@@ -28,8 +28,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: Default cap on a callback body (a real one is a few hundred bytes).
 DEFAULT_MAX_BODY_SIZE: Final = 64 * 1024
+"""Default cap on a callback body (a real one is a few hundred bytes)."""
 
 _OK: Final = b'{"code":0,"msg":"ok"}'
 

@@ -1,6 +1,7 @@
 """Tasks: one generated image each, resolved when its callback is fed in.
 
-A :class:`Task` costs a few slots until somebody waits on it; the anyio ``Event`` a waiter
+A [`Task`][keevx_async.Task] costs a few slots until somebody waits on it; the anyio ``Event`` a
+waiter
 sleeps on is created by the first wait and dropped by the last, so a hundred thousand
 pending tasks nobody is awaiting yet cost no events and no background tasks.
 """
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = ["SUBMIT_FAILED", "CompletionSink", "Submission", "Task", "wait_all"]
 
-#: ``Task.status`` of a request that could not be submitted (its ``task_id`` is ``None``).
 SUBMIT_FAILED = "SUBMIT_FAILED"
+"""``Task.status`` of a request that could not be submitted (its ``task_id`` is ``None``)."""
 
 
 class CompletionSink(Protocol):
@@ -40,13 +41,14 @@ class Task:
     A task is finished by its callback (or by ``retrieve``), by a batch's timeout, or at
     creation when its request could not be submitted (then ``task_id`` is ``None``).
 
-    ``await task`` (or ``await task.wait(timeout)``) returns the :class:`ImageResult` or
+    ``await task`` (or ``await task.wait(timeout)``) returns the
+    [`ImageResult`][keevx_async.ImageResult] or
     raises the task's error; ``done()``, ``result()`` and ``exception()`` never block.
     Waiting is cancellation-safe: a cancelled waiter leaves the task as it was.
 
     Attributes:
         task_id: the service's task ID, ``None`` for a request that was never submitted.
-        request: the :class:`ImageRequest` that created the task.
+        request: the [`ImageRequest`][keevx_async.ImageRequest] that created the task.
         index: the task's position among its request's task IDs (0-based).
         status: the last status heard (``"GENERATING"`` until a callback says more).
         position: in a batch, the position of the task's request in the batch's input
@@ -140,7 +142,7 @@ class Task:
             TaskTimeoutError: not finished within ``timeout``. The task is unchanged and
                 can still be resolved and awaited later.
             TaskFailedError: the task finished without an image (and the other errors of
-                :meth:`result`).
+                `result`).
         """
         if not self.done():
             event = anyio.Event()

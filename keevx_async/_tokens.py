@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 __all__ = ["TOKEN_PARAM", "CallbackSigner", "attach_token", "token_from_target", "token_from_url"]
 
-#: The query parameter that carries the token with ``callback_token_in="query"``.
 TOKEN_PARAM: Final = "keevx_token"
+"""The query parameter that carries the token with ``callback_token_in="query"``."""
 _DOMAIN: Final = b"keevx-callback-token-v1:"
 _MAC_BYTES: Final = 16
 
@@ -114,7 +114,7 @@ def token_from_target(path: str, query: str) -> str | None:
 
 
 def token_from_url(url: str) -> str | None:
-    """The token in a full callback URL (see :func:`token_from_target`)."""
+    """The token in a full callback URL (see `token_from_target`)."""
     try:
         parts = urlsplit(url)
     except ValueError:

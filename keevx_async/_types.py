@@ -1,7 +1,7 @@
 """Names for the service's enumerations and the SDK's small shared types.
 
 The allowed values live here once; the request model validates against them and the
-emulator in :mod:`keevx_async.testing` enforces the same rules.
+emulator in `keevx_async.testing` enforces the same rules.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ MAX_PROMPT_LENGTH: Final = 1000
 MAX_REFERENCE_IMAGES: Final = 5
 MAX_GENERATE_COUNT: Final = 8
 
-#: Statuses of a task that has not finished yet. ``PENDING`` and ``PROCESSING`` are the
-#: service's video-task statuses; they are treated like ``GENERATING``.
 UNFINISHED_STATUSES: Final = frozenset({"GENERATING", "PENDING", "PROCESSING"})
-#: The one status that means success. Any other status outside ``UNFINISHED_STATUSES``
-#: is a finished failure.
+"""Statuses of a task that has not finished yet. ``PENDING`` and ``PROCESSING`` are the
+service's video-task statuses; they are treated like ``GENERATING``.
+"""
 FINISHED_OK: Final = "SUCCEEDED"
+"""The one status that means success. Any other status outside ``UNFINISHED_STATUSES``
+is a finished failure.
+"""

@@ -1,7 +1,7 @@
 """The wire format: one cattrs converter, built once at import.
 
 Every body the SDK sends or reads passes through here. Reading is strict about the
-fields the SDK relies on (a missing or mistyped one raises :class:`WireFormatError`
+fields the SDK relies on (a missing or mistyped one raises `WireFormatError`
 naming it, as ``data.task_id``) and keeps every other field in ``raw``.
 """
 
@@ -101,8 +101,8 @@ def _build_converter() -> cattrs.Converter:
     return conv
 
 
-#: The converter that owns the wire format. Built once; hooks registered explicitly.
 converter: Final = _build_converter()
+"""The converter that owns the wire format. Built once; hooks registered explicitly."""
 
 
 def _field_of(exc: BaseException) -> str | None:
@@ -125,7 +125,7 @@ def _structure(value: object, cls: type[Any], what: str, prefix: str = "") -> An
 
 
 def load_json(body: bytes | str, what: str) -> Any:
-    """Parse JSON, raising :class:`WireFormatError` that names ``what`` on failure."""
+    """Parse JSON, raising `WireFormatError` that names ``what`` on failure."""
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -155,7 +155,9 @@ def encode_request(request: ImageRequest, callback_url: str | None) -> bytes:
 
 
 def decode_request(body: bytes | str | Mapping[str, Any]) -> ImageRequest:
-    """Rebuild an :class:`ImageRequest` from a submit body (validating every rule)."""
+    """Rebuild an [`ImageRequest`][keevx_async.ImageRequest] from a submit body (validating every
+    rule).
+    """
     value = body if isinstance(body, Mapping) else load_json(body, "request body")
     fields = dict(_require_object(value, "request body"))
     fields.setdefault("reference_images", ())
@@ -191,7 +193,7 @@ def decode_task_ids(data: object) -> tuple[str, ...]:
 
 
 def decode_snapshot(data: object) -> TaskSnapshot:
-    """A :class:`TaskSnapshot` from the GET reply's ``data``."""
+    """A [`TaskSnapshot`][keevx_async.TaskSnapshot] from the GET reply's ``data``."""
     value = _require_object(data, "task reply", "data")
     task: _TaskData = _structure(value, _TaskData, "task reply", "data.")
     _require_task_id(task.task_id, "task reply")
@@ -211,7 +213,7 @@ def decode_snapshot(data: object) -> TaskSnapshot:
 
 
 def decode_callback(body: bytes | str | Mapping[str, Any]) -> CallbackPayload:
-    """A :class:`CallbackPayload` from a callback body (bytes, text or parsed mapping)."""
+    """A `CallbackPayload` from a callback body (bytes, text or parsed mapping)."""
     value = body if isinstance(body, Mapping) else load_json(body, "callback body")
     value = _require_object(value, "callback body")
     _require_object(value.get("data"), "callback body", "data")

@@ -241,6 +241,18 @@ async def test_batch_refuses_bad_options() -> None:
             assert [t async for t in empty] == []
 
 
+async def test_a_batch_must_be_entered_once_before_iterating() -> None:
+    async with wired() as (_, client):
+        batch = client.batch(["x"])
+        with pytest.raises(RuntimeError, match="async with"):
+            await batch.__anext__()
+        async with batch:
+            assert len([task async for task in batch]) == 1
+        with pytest.raises(RuntimeError, match="runs once"):
+            async with batch:
+                pass
+
+
 async def test_generate_many_is_aligned_with_its_input() -> None:
     requests: list[kx.ImageRequest | str] = [
         kx.ImageRequest("ok", generate_count=3),

@@ -1,6 +1,7 @@
 """Test helpers: an emulator of the Keevx service and a tiny loopback HTTP server.
 
-:class:`FakeKeevx` is a faithful emulator of the Keevx image generation API, written as a
+[`FakeKeevx`][keevx_async.testing.FakeKeevx] is a faithful emulator of the Keevx image generation
+API, written as a
 plain ASGI 3 application: the same request rules and envelopes, ``i2is-`` task IDs, the
 task-state GET endpoint, and one callback per finished task, delivered by HTTP to the
 request's ``callback_url`` or handed straight to an object with ``feed_callback`` (such as
@@ -8,7 +9,8 @@ the SDK client). Its knobs reproduce the service's hard cases: latency, scripted
 replies (with ``Retry-After``, and the ambiguous "tasks created but error returned" case),
 failed tasks, and callbacks that arrive before the submit reply, twice, out of order, or
 never. It counts what it sees (submits, concurrency, callbacks) so tests can assert on it,
-and :meth:`FakeKeevx.wait_idle` lets them wait for quiescence instead of sleeping::
+and [`FakeKeevx.wait_idle`][keevx_async.testing.FakeKeevx.wait_idle] lets them wait for quiescence
+instead of sleeping:
 
     async with FakeKeevx(complete_after=0.05) as fake, fake.http_client() as http:
         reply = await http.post(
@@ -18,8 +20,10 @@ and :meth:`FakeKeevx.wait_idle` lets them wait for quiescence instead of sleepin
         )
         await fake.wait_idle()
 
-Reach it in-process through ``httpx.ASGITransport`` (:meth:`FakeKeevx.http_client`) or on a
-real socket (:meth:`FakeKeevx.serve`, built on :func:`serve_asgi`, which runs any ASGI app
+Reach it in-process through ``httpx.ASGITransport``
+([`FakeKeevx.http_client`][keevx_async.testing.FakeKeevx.http_client]) or on a
+real socket ([`FakeKeevx.serve`][keevx_async.testing.FakeKeevx.serve], built on
+[`serve_asgi`][keevx_async.testing.serve_asgi], which runs any ASGI app
 on 127.0.0.1 under asyncio or trio). ``python -m keevx_async.testing --port 8000`` runs the
 emulator as a standalone server.
 """

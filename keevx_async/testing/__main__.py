@@ -1,4 +1,4 @@
-"""Run :class:`~keevx_async.testing.FakeKeevx` as a standalone loopback HTTP server.
+"""Run [`FakeKeevx`][keevx_async.testing.FakeKeevx] as a standalone loopback HTTP server.
 
 ``python -m keevx_async.testing --port 8000`` serves the emulator until Ctrl-C or SIGTERM.
 Once it accepts connections it prints one line, ``FakeKeevx listening on <url>``, so a

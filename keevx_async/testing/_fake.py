@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CallbackSink", "FakeKeevx", "FakeTask"]
 
-#: ``base_url`` of a fake that is not served on a socket (reached through ASGITransport).
 IN_PROCESS_BASE_URL: Final = "https://api.fake.keevx.test"
+"""``base_url`` of a fake that is not served on a socket (reached through ASGITransport)."""
 DEFAULT_IMAGE_BASE_URL: Final = "https://images.fake.keevx.test"
 SUBMIT_PATH: Final = "/v1/image_generate"
 TASK_ID_PREFIX: Final = "i2is-"
@@ -59,10 +59,10 @@ FAILED: Final = "FAILED"
 CODE_OK: Final = 0
 CODE_PARAMETER_ERROR: Final = 100001
 CODE_TASK_NOT_FOUND: Final = 110002
-#: ``error_message`` of tasks failed by ``fail_if``.
 MODERATION_MESSAGE: Final = "content moderation rejected the prompt"
-#: ``error_message`` of tasks failed by ``fail_rate``.
+"""``error_message`` of tasks failed by ``fail_if``."""
 RANDOM_FAILURE_MESSAGE: Final = "image processing error: generation failed"
+"""``error_message`` of tasks failed by ``fail_rate``."""
 
 # The service's defaults for the optional request fields.
 _DEFAULT_MODULE: Final = "std"
@@ -72,7 +72,9 @@ _DEFAULT_IMAGE_RATIO: Final = "9:16"
 
 
 class CallbackSink(Protocol):
-    """Anything :meth:`FakeKeevx.deliver_into` can hand callbacks to (e.g. the SDK client)."""
+    """Anything [`FakeKeevx.deliver_into`][keevx_async.testing.FakeKeevx.deliver_into] can hand
+    callbacks to (e.g. the SDK client).
+    """
 
     async def feed_callback(self, body: bytes, /, *, url: str) -> object:
         """Take one callback: the exact body bytes and the URL it would be POSTed to."""
@@ -81,7 +83,8 @@ class CallbackSink(Protocol):
 
 @attrs.define
 class FakeTask:
-    """One task created by :class:`FakeKeevx`, with what happened to it so far.
+    """One task created by [`FakeKeevx`][keevx_async.testing.FakeKeevx], with what happened to it
+    so far.
 
     ``body`` is the validated request (defaults filled in, ``reference_images`` cut to
     five); ``index`` is the task's position among its request's task IDs. ``status`` is
@@ -241,10 +244,10 @@ class FakeKeevx:
     Run it with ``async with FakeKeevx(...) as fake:``, which starts its one background
     scheduler (tasks finish and are called back only while it runs; a request to a fake
     that is not running is answered with HTTP 500). Reach it in-process with
-    :meth:`http_client` (``httpx.ASGITransport``) or on a real loopback socket with
-    :meth:`serve`. Callbacks are POSTed to each request's ``callback_url`` with
+    `http_client` (``httpx.ASGITransport``) or on a real loopback socket with
+    `serve`. Callbacks are POSTed to each request's ``callback_url`` with
     ``callback_client`` (default: an own ``httpx.AsyncClient``), or handed straight to an
-    object given to :meth:`deliver_into`.
+    object given to `deliver_into`.
 
     Every constructor argument is also an attribute that may be changed at any time;
     changes apply to requests that arrive afterwards:
@@ -271,7 +274,7 @@ class FakeKeevx:
     The counters (``submit_calls``, ``accepted_submits``, ``submit_times``,
     ``max_in_flight``, ``get_calls``, ``callbacks_sent``, ``delivery_failures``) and
     ``tasks`` (the tasks created since the last reset) start over with
-    :meth:`reset_metrics`; tasks created before a reset can still be looked up with GET.
+    `reset_metrics`; tasks created before a reset can still be looked up with GET.
     """
 
     api_key: str | None
@@ -287,24 +290,24 @@ class FakeKeevx:
     image_base_url: str
     delivery_concurrency: int
 
-    #: The tasks created since construction or the last :meth:`reset_metrics`, by ID.
     tasks: dict[str, FakeTask]
-    #: Submit requests received (any outcome).
+    """The tasks created since construction or the last `reset_metrics`, by ID."""
     submit_calls: int
-    #: Submit requests that created tasks (including ``inject(..., create=True)`` ones).
+    """Submit requests received (any outcome)."""
     accepted_submits: int
-    #: ``anyio.current_time()`` at the arrival of each submit request.
+    """Submit requests that created tasks (including ``inject(..., create=True)`` ones)."""
     submit_times: list[float]
-    #: Submit requests being handled right now (latency included).
+    """``anyio.current_time()`` at the arrival of each submit request."""
     in_flight: int
-    #: The most submit requests ever handled at once.
+    """Submit requests being handled right now (latency included)."""
     max_in_flight: int
-    #: Task-state GET requests received.
+    """The most submit requests ever handled at once."""
     get_calls: int
-    #: Callbacks delivered successfully (a duplicate counts twice).
+    """Task-state GET requests received."""
     callbacks_sent: int
-    #: ``(task_id, reason)`` for every delivery that failed.
+    """Callbacks delivered successfully (a duplicate counts twice)."""
     delivery_failures: list[tuple[str, str]]
+    """``(task_id, reason)`` for every delivery that failed."""
 
     # Made on first entering, when an event loop is sure to run; nothing can schedule or
     # deliver before that, because a fake that is not running refuses every request.
@@ -378,8 +381,8 @@ class FakeKeevx:
 
     @property
     def base_url(self) -> str:
-        """The URL to reach the fake at: the loopback URL inside :meth:`serve`, else a
-        placeholder that only :meth:`http_client`'s in-process transport understands."""
+        """The URL to reach the fake at: the loopback URL inside `serve`, else a
+        placeholder that only `http_client`'s in-process transport understands."""
         return self._served_url or IN_PROCESS_BASE_URL
 
     def reset_metrics(self) -> None:
@@ -445,7 +448,8 @@ class FakeKeevx:
         """Serve the fake on a real socket for the block; ``base_url`` points there meanwhile.
 
         The fake must be running (``async with fake:``) for requests to be answered.
-        ``port=0`` picks a free port; the yielded :class:`LoopbackServer` has the real one.
+        ``port=0`` picks a free port; the yielded
+        [`LoopbackServer`][keevx_async.testing.LoopbackServer] has the real one.
         """
         async with serve_asgi(self, host=host, port=port) as server:
             self._served_url = server.url

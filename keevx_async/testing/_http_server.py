@@ -1,8 +1,8 @@
 """A small, test-grade HTTP/1.1 server that runs any ASGI 3 application on a local socket.
 
-It exists so that :class:`~keevx_async.testing.FakeKeevx` (or a test's own callback
+It exists so that [`FakeKeevx`][keevx_async.testing.FakeKeevx] (or a test's own callback
 receiver) can be reached over a real TCP connection without a third-party server: it uses
-only :mod:`anyio`, so it runs under asyncio and trio alike. It is deliberately small:
+only `anyio`, so it runs under asyncio and trio alike. It is deliberately small:
 bodies are framed by ``Content-Length`` only (chunked requests get 501), responses are
 buffered and sent with a ``Content-Length``, and there is no TLS. Do not expose it to a
 network you do not control.
@@ -24,16 +24,16 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 __all__ = ["ASGIApp", "LoopbackServer", "Message", "Receive", "Scope", "Send", "serve_asgi"]
 
-#: An ASGI connection scope.
 Scope = MutableMapping[str, Any]
-#: An ASGI event (sent or received).
+"""An ASGI connection scope."""
 Message = MutableMapping[str, Any]
-#: The ASGI ``receive`` callable.
+"""An ASGI event (sent or received)."""
 Receive = Callable[[], Awaitable[Message]]
-#: The ASGI ``send`` callable.
+"""The ASGI ``receive`` callable."""
 Send = Callable[[Message], Awaitable[None]]
-#: An ASGI 3 application.
+"""The ASGI ``send`` callable."""
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+"""An ASGI 3 application."""
 
 MAX_HEADER_BYTES: Final = 64 * 1024
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 
 @attrs.frozen
 class LoopbackServer:
-    """Where a server started by :func:`serve_asgi` listens.
+    """Where a server started by [`serve_asgi`][keevx_async.testing.serve_asgi] listens.
 
     ``port`` is the real port, also when ``0`` was asked for; ``url`` is the base URL to
     give to an HTTP client (``http://host:port``, IPv6 hosts in brackets).
@@ -347,7 +347,8 @@ async def serve_asgi(
 ) -> AsyncIterator[LoopbackServer]:
     """Serve ``app`` over HTTP/1.1 on ``host:port`` for the duration of the block.
 
-    ``port=0`` picks a free port; the yielded :class:`LoopbackServer` has the real one.
+    ``port=0`` picks a free port; the yielded
+    [`LoopbackServer`][keevx_async.testing.LoopbackServer] has the real one.
     Each connection runs in its own task; connections are kept alive unless the client
     sends ``Connection: close`` (or speaks HTTP/1.0 without asking for keep-alive).
     Request bodies must be framed by ``Content-Length`` (chunked: 501), header blocks are

@@ -1,0 +1,70 @@
+"""Development sessions: ``nox`` runs what CI runs (lint, typecheck, tests, docs).
+
+Sessions use the interpreter nox runs under (any Python 3.10+), each in a fresh virtualenv.
+``nox -s demo`` and ``nox -s bench`` are on demand.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2024.4"
+nox.options.sessions = ["lint", "typecheck", "tests", "docs"]
+nox.options.reuse_existing_virtualenvs = False
+
+# Tools whose new releases add checks are pinned, so CI turns red only on our changes.
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint and check formatting with ruff (``ruff format .`` fixes the latter)."""
+    session.install(RUFF)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Type-check the package and the tests with mypy (strict, see pyproject.toml)."""
+    session.install(".[test]", MYPY)
+    session.run("mypy")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite under coverage; fails below ``fail_under`` in pyproject.toml."""
+    session.install(".[test]")
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    session.run("coverage", "combine")
+    session.run("coverage", "report")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation; any warning (a broken link or reference) fails."""
+    session.install(".[docs]", RUFF)  # mkdocstrings formats signatures with ruff
+    session.run("mkdocs", "build", "--strict", env={"NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the demo on the built-in emulator (no API key, no network)."""
+    session.install(".")
+    session.run("python", "-m", "keevx_async", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run every ``bench/*.py`` script, passing ``session.posargs`` to each."""
+    scripts = sorted(Path("bench").glob("*.py"))
+    if not scripts:
+        session.log("no benchmarks yet: bench/ has no *.py scripts")
+        return
+    session.install(".")
+    for script in scripts:
+        session.run("python", str(script), *session.posargs)
