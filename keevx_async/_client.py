@@ -22,7 +22,6 @@ from ._exceptions import (
     AuthenticationError,
     CallbackAuthError,
     CallbackError,
-    InvalidRequestError,
     KeevxError,
     RateLimitError,
     ServerError,
@@ -221,9 +220,8 @@ class AsyncKeevx:
             None if callback_url is None else check_http_url(callback_url, "callback_url")
         )
         if callback_token_in not in ("query", "path"):
-            raise InvalidRequestError(
-                f"callback_token_in must be 'query' or 'path'; got {callback_token_in!r}",
-                field="callback_token_in",
+            raise ValueError(
+                f"callback_token_in must be 'query' or 'path'; got {callback_token_in!r}"
             )
         self.max_concurrency = _positive_int("max_concurrency", max_concurrency)
         if not isinstance(max_retries, int) or max_retries < 0:
@@ -300,6 +298,10 @@ class AsyncKeevx:
             if self._owns_http:
                 await self._http.aclose()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this AsyncKeevx is closed: make a new one")
+
     # --- submitting -------------------------------------------------------------------
 
     async def submit(self, request: ImageRequest) -> Submission:
@@ -316,6 +318,7 @@ class AsyncKeevx:
         """
         if not isinstance(request, ImageRequest):
             raise TypeError(f"submit() takes an ImageRequest; got {type(request).__name__}")
+        self._check_open()
         callback_url = request.callback_url or self.callback_url
         submission_id: str | None = None
         if callback_url is None:
@@ -439,6 +442,7 @@ class AsyncKeevx:
         """
         if not isinstance(task_id, str) or not task_id:
             raise ValueError(f"task_id must be a non-empty string; got {task_id!r}")
+        self._check_open()
         url = f"{self._submit_url}/{quote(task_id, safe='')}"
         response = await self._send("GET", url, None, task_id=task_id)
         envelope = self._read_envelope(response, None, task_id=task_id, maybe_created=False)
@@ -571,6 +575,14 @@ class AsyncKeevx:
                 response = await self._http.request(
                     method, url, content=content, headers=self._headers, timeout=self._timeout
                 )
+            except anyio.get_cancelled_exc_class():
+                if not idempotent:
+                    # Not an error of ours to raise, but the caller cannot see it otherwise.
+                    logger.warning(
+                        "a submit was cancelled while its request was in flight: the service "
+                        "may have created (and billed) tasks for it"
+                    )
+                raise
             except httpx.TransportError as exc:
                 not_sent = isinstance(exc, _NOT_SENT)
                 if (not_sent or idempotent) and attempt < self.max_retries:

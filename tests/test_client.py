@@ -772,6 +772,19 @@ async def test_own_http_client_is_closed_and_injected_one_is_not() -> None:
         assert not http.is_closed
     await own.aclose()  # closing twice is harmless
     assert "api.keevx.cn" in repr(own)
+    with pytest.raises(RuntimeError, match="closed"):
+        await own.submit(kx.ImageRequest("x"))
+    with pytest.raises(RuntimeError, match="closed"):
+        await own.retrieve("i2is-a")
+
+
+async def test_cancelled_submit_in_flight_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="keevx_async")
+    async with wired({"latency": 5.0}) as (fake, client):
+        with anyio.move_on_after(0.05):
+            await client.submit(kx.ImageRequest("x"))
+        assert fake.submit_calls == 1
+    assert any("may have created" in r.getMessage() for r in caplog.records)
 
 
 # --- over real loopback sockets ----------------------------------------------------------
