@@ -44,6 +44,12 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "report")
 
 
+@nox.session(python=["3.10", "3.11", "3.12", "3.13"])
+def tests_all(session: nox.Session) -> None:
+    """The test suite on every supported Python found on this machine (not run by CI)."""
+    tests(session)
+
+
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation; any warning (a broken link or reference) fails."""

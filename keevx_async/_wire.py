@@ -90,7 +90,6 @@ def _build_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=False)
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(int, _strict_int)
-    conv.register_structure_hook(Any, lambda value, _: value)
     for cls in (Envelope, _SubmitData, _TaskData, _CallbackBody):
         conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv))
     # The request body: tuples go out as lists; callback_url only when there is one.
