@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import anyio.abc
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
-__all__ = ["Batch", "collect_aligned"]
+__all__ = ["DEFAULT_MAX_PENDING", "Batch", "collect_aligned"]
+
+DEFAULT_MAX_PENDING: Final = 10_000
 
 _T = TypeVar("_T")
 
@@ -61,8 +63,11 @@ class Batch:
     ``task_id=None``. The loop ends when every request was read, submitted and finished.
 
     The counters are live, for progress displays: ``requests_read``, ``submitting``,
-    ``submitted`` and ``submit_failed`` count requests; ``in_flight`` and ``yielded``
-    count tasks.
+    ``submitted`` and ``submit_failed`` count requests; ``in_flight``, ``pending`` and
+    ``yielded`` count tasks.
+
+    Memory is bounded by the tasks in flight: the input is read only as submit slots free
+    up, and not at all while ``max_pending`` tasks are submitted but not yet yielded.
 
     Raises (from the ``async for``):
         TypeError, InvalidRequestError: an item of ``requests`` is not a valid request.
@@ -77,9 +82,13 @@ class Batch:
         abandon: Callable[[Task], None],
         concurrency: int,
         timeout: float | None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 or None; got {timeout!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be an int >= 1; got {max_pending!r}")
+        self._max_pending = max_pending
         self._requests = requests
         self._submit = submit
         self._abandon = abandon
@@ -93,6 +102,7 @@ class Batch:
         self._error: BaseException | None = None
         self._wakeup: anyio.Event | None = None
         self._timer_wakeup: anyio.Event | None = None
+        self._room: anyio.Event | None = None
         self._task_group: anyio.abc.TaskGroup | None = None
         self.requests_read = 0
         """Requests read from the input so far."""
@@ -107,6 +117,11 @@ class Batch:
     def in_flight(self) -> int:
         """Tasks submitted and not finished yet."""
         return len(self._outstanding)
+
+    @property
+    def pending(self) -> int:
+        """Tasks submitted and not yielded yet (finished or not)."""
+        return len(self._outstanding) + len(self._completed)
 
     @property
     def submitting(self) -> int:
@@ -162,6 +177,8 @@ class Batch:
         while True:
             if self._completed:
                 self.yielded += 1
+                if self._room is not None:
+                    self._room.set()
                 return self._completed.popleft()
             if self._error is not None:
                 raise self._error
@@ -191,6 +208,11 @@ class Batch:
         try:
             async with aclosing(_aiterate(self._requests)) as items:
                 while True:
+                    # Read no further while too many tasks wait to be yielded: a slow loop
+                    # body then holds the input back instead of filling memory.
+                    while self.pending >= self._max_pending:
+                        self._room = anyio.Event()
+                        await self._room.wait()
                     # Take a slot before reading: input is consumed only as fast as it is sent.
                     await slots.acquire()
                     try:

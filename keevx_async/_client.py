@@ -16,7 +16,7 @@ import anyio
 import attrs
 import httpx
 
-from ._batch import Batch, collect_aligned
+from ._batch import DEFAULT_MAX_PENDING, Batch, collect_aligned
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -373,6 +373,7 @@ class AsyncKeevx:
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
     ) -> Batch:
         """A [`Batch`][keevx_async.Batch]: submit many requests while their results stream in.
 
@@ -398,6 +399,8 @@ class AsyncKeevx:
             timeout: the most seconds to wait for each task after its submit reply; a
                 task not done by then is yielded with
                 [`TaskTimeoutError`][keevx_async.TaskTimeoutError].
+            max_pending: the most tasks submitted and not yet yielded; reading the input
+                pauses there, so a slow loop body cannot make memory grow with the input.
         """
         limit = (
             self.max_concurrency
@@ -410,6 +413,7 @@ class AsyncKeevx:
             abandon=self._registry.abandon,
             concurrency=limit,
             timeout=timeout,
+            max_pending=max_pending,
         )
 
     async def generate_many(

@@ -74,6 +74,25 @@ async def test_input_is_read_lazily_no_further_than_the_free_slots() -> None:
     assert batch.yielded == 200
 
 
+async def test_a_slow_consumer_holds_the_input_back() -> None:
+    requests = [kx.ImageRequest(f"p{i}") for i in range(100)]
+    max_pending, concurrency = 6, 2
+    async with wired(max_concurrency=8) as (fake, client):
+        async with client.batch(
+            requests, concurrency=concurrency, max_pending=max_pending
+        ) as batch:
+            await fake.wait_idle()  # everything submitted so far has finished
+            await anyio.sleep(0.05)
+            # Nothing was yielded yet: reading stopped at the bound (plus the open slots).
+            assert batch.pending >= max_pending
+            assert batch.requests_read <= max_pending + concurrency
+            read_before = batch.requests_read
+            tasks = [task async for task in batch]
+    assert read_before < 100
+    assert len(tasks) == 100
+    assert batch.pending == 0
+
+
 async def test_async_iterable_input() -> None:
     async def requests() -> AsyncIterator[kx.ImageRequest]:
         for i in range(10):
@@ -236,6 +255,9 @@ async def test_batch_refuses_bad_options() -> None:
                 pass
         with pytest.raises(ValueError, match="timeout"):
             async with client.batch([], timeout=0):
+                pass
+        with pytest.raises(ValueError, match="max_pending"):
+            async with client.batch([], max_pending=0):
                 pass
         async with client.batch([]) as empty:
             assert [t async for t in empty] == []
