@@ -184,7 +184,9 @@ class Batch:
                 raise self._error
             if self._input_done and not self._submitting and not self._outstanding:
                 raise StopAsyncIteration
-            self._wakeup = anyio.Event()
+            # Consumers share one event: several tasks may iterate the same batch.
+            if self._wakeup is None or self._wakeup.is_set():
+                self._wakeup = anyio.Event()
             await self._wakeup.wait()
 
     def _wake(self) -> None:

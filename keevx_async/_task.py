@@ -9,7 +9,7 @@ pending tasks nobody is awaiting yet cost no events and no background tasks.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import anyio
 import attrs
@@ -19,6 +19,7 @@ from ._models import FINISHED_OK, CallbackPayload, ImageRequest, ImageResult
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Sequence
+    from types import TracebackType
 
     from typing_extensions import Self
 
@@ -60,6 +61,7 @@ class Task:
     __slots__ = (
         "__weakref__",
         "_error",
+        "_error_tb",
         "_result",
         "_sink",
         "_waiters",
@@ -87,6 +89,7 @@ class Task:
         self.submission_id = submission_id
         self._result: ImageResult | None = None
         self._error: KeevxError | None = None
+        self._error_tb: TracebackType | None = None
         self._waiters: list[anyio.Event] | None = None
         self._sink: CompletionSink | None = None
         self.position: int | None = None
@@ -96,6 +99,7 @@ class Task:
         """A finished task standing for a request whose submit failed."""
         task = cls(None, request, 0, status=SUBMIT_FAILED)
         task._error = error
+        task._error_tb = error.__traceback__
         return task
 
     def __repr__(self) -> str:
@@ -119,7 +123,7 @@ class Task:
         if self._result is not None:
             return self._result
         if self._error is not None:
-            raise self._error
+            self._raise_error()
         raise TaskPendingError(self.task_id)
 
     def exception(self) -> KeevxError | None:
@@ -161,6 +165,12 @@ class Task:
     def __await__(self) -> Generator[Any, None, ImageResult]:
         return self.wait().__await__()
 
+    def _raise_error(self) -> NoReturn:
+        error = self._error
+        assert error is not None
+        # Each raise would add frames to the one stored error; start from the original.
+        raise error.with_traceback(self._error_tb)
+
     def _add_waiter(self, event: anyio.Event) -> None:
         if self._waiters is None:
             self._waiters = [event]
@@ -179,6 +189,7 @@ class Task:
     def _finish(self, result: ImageResult | None, error: KeevxError | None) -> None:
         self._result = result
         self._error = error
+        self._error_tb = None if error is None else error.__traceback__
         if self._waiters is not None:
             for event in self._waiters:
                 event.set()
@@ -236,7 +247,7 @@ async def wait_all(tasks: Sequence[Task], timeout: float | None) -> list[ImageRe
         unfinished = []
         for task in tasks:
             if task._error is not None:
-                raise task._error
+                task._raise_error()
             if task._result is None:
                 unfinished.append(task)
         if not unfinished:

@@ -93,6 +93,23 @@ async def test_a_slow_consumer_holds_the_input_back() -> None:
     assert batch.pending == 0
 
 
+async def test_several_consumers_share_one_batch() -> None:
+    seen: list[list[str]] = [[], [], []]
+    async with wired({"complete_after": (0.0, 0.05)}) as (_, client):
+        async with client.batch([f"p{i}" for i in range(30)]) as batch:
+
+            async def consume(worker: int) -> None:
+                async for task in batch:
+                    seen[worker].append(task.request.prompt)
+
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    for worker in range(3):
+                        tg.start_soon(consume, worker)
+    prompts = [prompt for worker in seen for prompt in worker]
+    assert sorted(prompts) == sorted(f"p{i}" for i in range(30))
+
+
 async def test_async_iterable_input() -> None:
     async def requests() -> AsyncIterator[kx.ImageRequest]:
         for i in range(10):

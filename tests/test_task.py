@@ -303,3 +303,17 @@ async def test_wait_all_timeout_names_the_first_unfinished_task(
         if not task.done():
             _succeed(registry, task.task_id or "")
     assert len(await wait_all(tasks, timeout=1.0)) == 3
+
+
+async def test_reading_a_failed_task_again_does_not_grow_its_traceback() -> None:
+    task = kx.Task("i2is-a", kx.ImageRequest("x"))
+    task._finish(None, kx.TaskFailedError(task_id="i2is-a", status="FAILED", error_message="no"))
+    depths = []
+    for _ in range(3):
+        with pytest.raises(kx.TaskFailedError) as caught:
+            task.result()
+        depth, tb = 0, caught.value.__traceback__
+        while tb is not None:
+            depth, tb = depth + 1, tb.tb_next
+        depths.append(depth)
+    assert depths[0] == depths[1] == depths[2]
