@@ -24,9 +24,10 @@ from ._exceptions import CallbackAuthError
 from ._models import CallbackOutcome, CallbackPayload
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import Callable, Sequence
 
     from ._task import Task
+from ._types import MAX_GENERATE_COUNT
 
 __all__ = ["RegistryCounters", "TaskRegistry"]
 
@@ -35,6 +36,8 @@ logger = logging.getLogger("keevx_async")
 DEFAULT_MAX_EARLY: Final = 10_000
 DEFAULT_EARLY_MAX_AGE: Final = 600.0
 DEFAULT_REMEMBER_DONE: Final = 10_000
+#: A submission never has more tasks than this, so never more early callbacks either.
+_MAX_EARLY_PER_SUBMISSION: Final = MAX_GENERATE_COUNT
 
 
 @attrs.define
@@ -62,7 +65,8 @@ class TaskRegistry:
         max_early: the most early callbacks kept at once; the oldest is evicted (and
             logged) to make room.
         early_max_age: seconds an early callback is kept before it is dropped (logged).
-        remember_done: how many finished task IDs are remembered to answer duplicates.
+        remember_done: how many finished task IDs, and how many registered submissions,
+            are remembered to answer duplicates and refuse callbacks that do not belong.
         clock: a monotonic clock (seconds).
     """
 
@@ -81,8 +85,12 @@ class TaskRegistry:
         self._pending: weakref.WeakValueDictionary[str, Task] = weakref.WeakValueDictionary()
         # (task_id, submission_id) -> callback; submission_id None when not verified.
         self._early: OrderedDict[tuple[str, str | None], _Early] = OrderedDict()
+        self._early_per_submission: dict[str | None, int] = {}
         # task_id -> submission_id of tasks that finished or were abandoned.
         self._done: OrderedDict[str, str | None] = OrderedDict()
+        # submission_id -> its task IDs, for submissions whose reply has registered them: a
+        # token of such a submission is good for those tasks only, whatever became of them.
+        self._submissions: OrderedDict[str, frozenset[str]] = OrderedDict()
         self._max_early = max_early
         self._early_max_age = early_max_age
         self._remember_done = remember_done
@@ -106,19 +114,42 @@ class TaskRegistry:
 
     # --- registering ------------------------------------------------------------------
 
-    def register(self, tasks: Iterable[Task]) -> None:
+    def register(self, tasks: Sequence[Task]) -> None:
         """Start tracking ``tasks`` (all of one submission) and apply early callbacks."""
         now = self._clock()
         self._expire_early(now)
+        submission_id = tasks[0].submission_id if tasks else None
+        if submission_id is not None:
+            self._submissions[submission_id] = frozenset(t.task_id for t in tasks if t.task_id)
+            if len(self._submissions) > self._remember_done:
+                self._submissions.popitem(last=False)
         for task in tasks:
             task_id = task.task_id
             assert task_id is not None  # only submitted tasks are registered
             self._pending[task_id] = task
-            early = self._early.pop((task_id, task.submission_id), None)
-            if early is None and task.submission_id is not None:
-                early = self._early.pop((task_id, None), None)
+            early = self._take_early((task_id, submission_id))
+            if early is None and submission_id is not None:
+                early = self._take_early((task_id, None))
             if early is not None:
                 self._resolve(task, early.payload)
+        # What is left under this submission can never apply: its tasks are all known now.
+        if submission_id is not None and self._early_per_submission.get(submission_id):
+            for key in [key for key in self._early if key[1] == submission_id]:
+                self._take_early(key)
+
+    def _take_early(self, key: tuple[str, str | None]) -> _Early | None:
+        early = self._early.pop(key, None)
+        if early is not None:
+            self._count_early(key[1], -1)
+        return early
+
+    def _count_early(self, submission_id: str | None, change: int) -> int:
+        count = self._early_per_submission.get(submission_id, 0) + change
+        if count:
+            self._early_per_submission[submission_id] = count
+        else:
+            self._early_per_submission.pop(submission_id, None)
+        return count
 
     def abandon(self, task: Task) -> None:
         """Stop tracking an unfinished task nobody will wait for any more."""
@@ -156,6 +187,14 @@ class TaskRegistry:
         self, payload: CallbackPayload, submission_id: str | None
     ) -> CallbackOutcome:
         task_id = payload.task_id
+        if submission_id is not None:
+            known = self._submissions.get(submission_id)
+            if known is not None:
+                if task_id not in known:
+                    self._reject_foreign(task_id)
+                # Its task finished, was given up or dropped by its owner: nothing to do.
+                self.counters.duplicates += 1
+                return CallbackOutcome.DUPLICATE
         if task_id in self._done:
             owner = self._done[task_id]
             if submission_id is not None and owner is not None and owner != submission_id:
@@ -172,13 +211,28 @@ class TaskRegistry:
         if key in self._early:
             self.counters.duplicates += 1
             return CallbackOutcome.BUFFERED
+        if (
+            submission_id is not None
+            and self._early_per_submission.get(submission_id, 0) >= _MAX_EARLY_PER_SUBMISSION
+        ):
+            # More than the submission can have tasks: a leaked token being replayed.
+            self.counters.rejected += 1
+            logger.warning(
+                "rejected an early callback for task %s: too many for its token", task_id
+            )
+            raise CallbackAuthError(
+                f"callback for task {task_id}: its token already has "
+                f"{_MAX_EARLY_PER_SUBMISSION} early callbacks, as many as a submission has tasks"
+            )
         if self._max_early == 0:
             self._evict(key, "early-callback buffer is disabled (max_early_callbacks=0)")
             return CallbackOutcome.BUFFERED
         while len(self._early) >= self._max_early:
-            oldest, _ = self._early.popitem(last=False)
+            oldest = next(iter(self._early))
+            self._take_early(oldest)
             self._evict(oldest, f"early-callback buffer is full ({self._max_early})")
         self._early[key] = _Early(payload, now)
+        self._count_early(submission_id, +1)
         self.counters.buffered += 1
         return CallbackOutcome.BUFFERED
 
@@ -217,5 +271,5 @@ class TaskRegistry:
             key, oldest = next(iter(early.items()))
             if oldest.arrived > limit:
                 break
-            del early[key]
+            self._take_early(key)
             self._evict(key, f"its task was not registered within {self._early_max_age:g} s")

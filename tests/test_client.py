@@ -373,19 +373,46 @@ async def test_cross_submission_callback_is_refused(token_in: CallbackTokenIn) -
     assert not task_a.done()
 
 
-async def test_early_callback_with_another_submissions_token_is_never_applied() -> None:
+async def test_registered_submissions_token_is_refused_for_tasks_not_its_own() -> None:
     app = ScriptedApp(ok_reply("i2is-a"), ok_reply("i2is-b"))
     async with scripted_client(app) as client:
         await client.submit(kx.ImageRequest("a"))
         url_a = _callback_url(app, 0)
-        # A callback for a task not known yet, carrying submission A's (valid) token.
-        assert await client.feed_callback(callback_body("i2is-b"), url=url_a) is (
-            kx.CallbackOutcome.BUFFERED
-        )
+        # A callback for a task not known yet, carrying submission A's (valid) token: A's
+        # reply named its tasks, so this cannot be one of them and is not even buffered.
+        with pytest.raises(kx.CallbackAuthError):
+            await client.feed_callback(callback_body("i2is-b"), url=url_a)
+        assert client.stats.buffered == 0
         (task_b,) = (await client.submit(kx.ImageRequest("b"))).tasks
         assert not task_b.done()
         await client.feed_callback(callback_body("i2is-b"), url=_callback_url(app, 1))
     assert task_b.result().task_id == "i2is-b"
+
+
+async def test_a_leaked_token_cannot_flood_the_early_buffer() -> None:
+    app = ScriptedApp(ok_reply("i2is-a"))
+    async with scripted_client(app, max_early_callbacks=50) as client:
+        await client.submit(kx.ImageRequest("old"))
+        leaked = _callback_url(app, 0)
+        refused = 0
+        for i in range(200):
+            try:
+                await client.feed_callback(callback_body(f"i2is-forged-{i}"), url=leaked)
+            except kx.CallbackAuthError:
+                refused += 1
+        stats = client.stats
+    assert refused == 200
+    assert (stats.buffered, stats.callbacks_evicted) == (0, 0)
+
+
+async def test_callback_of_a_dropped_submission_changes_nothing() -> None:
+    app = ScriptedApp(ok_reply("i2is-a"))
+    async with scripted_client(app) as client:
+        await client.submit(kx.ImageRequest("dropped"))  # nobody keeps the tasks
+        outcome = await client.feed_callback(callback_body("i2is-a"), url=_callback_url(app))
+        stats = client.stats
+    assert outcome is kx.CallbackOutcome.DUPLICATE
+    assert (stats.buffered, stats.pending) == (0, 0)
 
 
 async def test_malformed_callback_raises_and_changes_nothing() -> None:

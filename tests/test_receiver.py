@@ -300,7 +300,8 @@ async def test_token_of_another_submission_is_401_and_the_task_is_unchanged() ->
 async def test_early_callback_with_another_submissions_token_is_never_applied() -> None:
     async with receiving() as (client, http):
         url, tasks = _submission(client, "i2is-a", register=False)
-        other_url, _ = _submission(client, "i2is-z")
+        # Another submission whose reply has not arrived either.
+        other_url, _ = _submission(client, "i2is-z", register=False)
 
         response = await http.post(_target(other_url), json=_callback("i2is-a"))
         assert response.status_code == 200  # buffered: the task is not known yet

@@ -373,14 +373,14 @@ def test_pending_entry_vanishes_when_the_task_is_garbage_collected() -> None:
 
 def test_finished_task_ids_are_remembered_within_a_bounded_window() -> None:
     registry, _ = _registry(remember_done=2)
-    for name in ("t1", "t2", "t3"):
-        task = Task(name, REQUEST, 0, submission_id="s1")
+    for n in (1, 2, 3):
+        task = Task(f"t{n}", REQUEST, 0, submission_id=f"s{n}")
         registry.register([task])
-        registry.apply(_succeeded(name), "s1")
+        registry.apply(_succeeded(f"t{n}"), f"s{n}")
 
-    assert registry.apply(_succeeded("t3"), "s1") is kx.CallbackOutcome.DUPLICATE
-    assert registry.apply(_succeeded("t2"), "s1") is kx.CallbackOutcome.DUPLICATE
-    # t1 fell out of the window: it now looks like an unknown task.
+    assert registry.apply(_succeeded("t3"), "s3") is kx.CallbackOutcome.DUPLICATE
+    assert registry.apply(_succeeded("t2"), "s2") is kx.CallbackOutcome.DUPLICATE
+    # t1 and its submission fell out of the window: it now looks like an unknown task.
     assert registry.apply(_succeeded("t1"), "s1") is kx.CallbackOutcome.BUFFERED
 
 
@@ -434,3 +434,17 @@ def test_callbacks_in_any_order_around_register_resolve_each_task_once(
     assert registry.counters.resolved == count
     assert registry.pending_count == 0
     assert registry.early_count == 0
+
+
+def test_one_token_buffers_at_most_as_many_callbacks_as_a_submission_has_tasks() -> None:
+    registry, _ = _registry()
+    for i in range(8):
+        assert registry.apply(_succeeded(f"t{i}"), "s1") is kx.CallbackOutcome.BUFFERED
+    with pytest.raises(kx.CallbackAuthError, match="early callbacks"):
+        registry.apply(_succeeded("t8"), "s1")
+    # Other submissions are not affected, and registering s1 frees its place.
+    assert registry.apply(_succeeded("u0"), "s2") is kx.CallbackOutcome.BUFFERED
+    registry.register([Task("t0", REQUEST, 0, submission_id="s1")])
+    assert registry.early_count == 1  # s1's leftovers can never apply, so they went
+    with pytest.raises(kx.CallbackAuthError, match="another submission"):
+        registry.apply(_succeeded("t9"), "s1")
