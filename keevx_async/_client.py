@@ -573,6 +573,16 @@ class AsyncKeevx:
         what = f"{method} {url}"
         attempt = 0
         while True:
+            paused_for = self._throttle.paused_for
+            if paused_for > self.max_retry_wait:
+                # The service asked the whole client to wait longer than we may sleep.
+                raise RateLimitError(
+                    f"not sent: the client is paused for another {paused_for:.3g} s by the "
+                    f"service's Retry-After, more than max_retry_wait={self.max_retry_wait:g}",
+                    request=request,
+                    task_id=task_id,
+                    retry_after=paused_for,
+                )
             # max_per_second paces submits; every attempt honours the 429 pause.
             await self._throttle.before_attempt(paced=not idempotent)
             try:
@@ -611,23 +621,25 @@ class AsyncKeevx:
             if not (throttled or (idempotent and status >= 500)):
                 return response
             retry_after = parse_retry_after(response.headers.get("retry-after"))
+            delay = retry_after if retry_after is not None else backoff_delay(attempt)
+            if throttled:
+                # A signal to the whole client, whether or not this call tries again.
+                self._counters.rate_limited += 1
+                self._throttle.pause(delay, f"HTTP {status} from {what}")
             if retry_after is not None and retry_after > self.max_retry_wait:
                 raise self._status_error(
                     response, request, task_id, maybe_created=False, retry_after=retry_after,
                     note=f"the service asked to wait {retry_after:g} s, more than "
                     f"max_retry_wait={self.max_retry_wait:g}",
+                    error_class=RateLimitError,
                 )  # fmt: skip
             if attempt >= self.max_retries:
                 raise self._status_error(
                     response, request, task_id, maybe_created=False, retry_after=retry_after
                 )
-            delay = retry_after if retry_after is not None else backoff_delay(attempt)
             attempt += 1
             self._counters.retries += 1
-            if throttled:
-                self._counters.rate_limited += 1
-                self._throttle.pause(delay, f"HTTP {status} from {what}")
-            else:
+            if not throttled:
                 await anyio.sleep(delay)
             logger.warning(
                 "retrying %s after HTTP %d (retry %d of %d)",
@@ -699,26 +711,31 @@ class AsyncKeevx:
         maybe_created: bool,
         retry_after: float | None = None,
         note: str | None = None,
+        error_class: type[APIError] | None = None,
     ) -> APIError:
         status = response.status_code
         code, msg = _code_and_msg(response)
         if note:
             msg = f"{msg}; {note}"
-        common: dict[str, Any] = {
-            "code": code,
-            "status_code": status,
-            "request": request,
-            "task_id": task_id,
-            "response": response,
-            "maybe_created": maybe_created,
-        }
-        if status == 429:
-            return RateLimitError(msg, retry_after=retry_after, **common)
-        if status in (401, 403):
-            return AuthenticationError(msg, **common)
-        if status >= 500:
-            return ServerError(msg, **common)
-        return APIError(msg, **common)
+        if error_class is None:
+            if status == 429:
+                error_class = RateLimitError
+            elif status in (401, 403):
+                error_class = AuthenticationError
+            elif status >= 500:
+                error_class = ServerError
+            else:
+                error_class = APIError
+        return error_class(
+            msg,
+            code=code,
+            status_code=status,
+            request=request,
+            task_id=task_id,
+            response=response,
+            maybe_created=maybe_created,
+            retry_after=retry_after,
+        )
 
 
 def _code_and_msg(response: httpx.Response) -> tuple[int, str]:

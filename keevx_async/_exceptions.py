@@ -7,7 +7,7 @@ KeevxError
 │   ├── AuthenticationError      HTTP 401 / 403
 │   ├── RateLimitError           HTTP 429, or a Retry-After longer than max_retry_wait
 │   └── ServerError              HTTP 5xx
-├── TransportError               the HTTP exchange itself failed (connect, read, timeout)
+├── TransportError               (also a ConnectionError) the HTTP exchange itself failed
 ├── TaskFailedError              a task finished with a status other than SUCCEEDED
 ├── TaskTimeoutError             a task did not finish within the wait's timeout
 ├── TaskPendingError             ``Task.result()`` asked of a task that is not done
@@ -79,6 +79,7 @@ class APIError(KeevxError):
         task_id: the task being looked up, for errors of ``retrieve``.
         response: the ``httpx.Response``, when there was one.
         maybe_created: whether the service may have created tasks for the request.
+        retry_after: the wait in seconds the service asked for (``Retry-After``), if any.
     """
 
     def __init__(
@@ -91,8 +92,10 @@ class APIError(KeevxError):
         task_id: str | None = None,
         response: httpx.Response | None = None,
         maybe_created: bool = False,
+        retry_after: float | None = None,
     ) -> None:
         self.msg = msg
+        self.retry_after = retry_after
         self.code = code
         self.status_code = status_code
         self.request = request
@@ -125,42 +128,21 @@ class AuthenticationError(APIError):
 
 
 class RateLimitError(APIError):
-    """The service is rate limiting this client (HTTP 429).
+    """The service is rate limiting this client (HTTP 429), or asked for a longer wait
+    (``Retry-After``) than ``max_retry_wait`` allows.
 
-    ``retry_after`` is the wait the service asked for, in seconds, when it said one.
-    Raised once retries are spent, or at once when the asked wait exceeds
-    ``max_retry_wait``.
+    ``retry_after`` is the wait asked for, in seconds, when the service said one. Raised
+    once retries are spent, or at once when the wait exceeds ``max_retry_wait``: then the
+    whole client stays paused for that wait, and its other submits raise this error too
+    instead of being sent.
     """
-
-    def __init__(
-        self,
-        msg: str,
-        *,
-        retry_after: float | None = None,
-        code: int | None = None,
-        status_code: int | None = None,
-        request: ImageRequest | None = None,
-        task_id: str | None = None,
-        response: httpx.Response | None = None,
-        maybe_created: bool = False,
-    ) -> None:
-        self.retry_after = retry_after
-        super().__init__(
-            msg,
-            code=code,
-            status_code=status_code,
-            request=request,
-            task_id=task_id,
-            response=response,
-            maybe_created=maybe_created,
-        )
 
 
 class ServerError(APIError):
     """The service failed (HTTP 5xx)."""
 
 
-class TransportError(KeevxError):
+class TransportError(KeevxError, ConnectionError):
     """The HTTP exchange failed: connection refused, timeout, broken connection.
 
     ``__cause__`` holds the underlying ``httpx`` exception. ``maybe_created`` is ``True``
@@ -215,8 +197,10 @@ class TaskFailedError(KeevxError):
 class TaskTimeoutError(KeevxError, TimeoutError):
     """A task did not finish within the wait's timeout.
 
-    The task itself is unchanged: a later callback still resolves it, and a later
-    ``await task`` can still get its result.
+    After ``task.wait(timeout)`` the task is unchanged: a later callback still resolves
+    it, and a later ``await task`` can still get its result. A batch or ``generate`` that
+    times out gives the task up instead (its late callback changes nothing); its
+    ``task_id`` is here to look it up with ``retrieve``.
     """
 
     def __init__(

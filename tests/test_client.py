@@ -533,6 +533,42 @@ async def test_retry_after_beyond_max_retry_wait_raises_at_once() -> None:
     assert fake.submit_calls == 1
 
 
+async def test_a_too_long_retry_after_holds_back_the_whole_client() -> None:
+    requests = [kx.ImageRequest(f"p{i}") for i in range(20)]
+    async with wired(max_concurrency=4, max_retry_wait=60) as (fake, client):
+        fake.inject(429, retry_after=120, times=100)
+        results = await client.generate_many(requests)
+        stats = client.stats
+    # Only submits already in flight when the 429 came met it; the rest were never sent.
+    assert 1 <= fake.submit_calls <= 4
+    assert all(isinstance(r[0], kx.RateLimitError) for r in results)
+    errors = [r[0] for r in results if isinstance(r[0], kx.RateLimitError)]
+    assert all(e.retry_after is not None and e.retry_after > 60 for e in errors)
+    assert all(e.maybe_created is False for e in errors)
+    assert stats.rate_limited == fake.submit_calls
+
+
+async def test_spent_retries_still_pause_the_client() -> None:
+    async with wired(max_retries=0, max_retry_wait=60) as (fake, client):
+        fake.inject(429, retry_after=0.3)
+        with pytest.raises(kx.RateLimitError):
+            await client.submit(kx.ImageRequest("first"))
+        started = anyio.current_time()
+        await client.submit(kx.ImageRequest("second"))
+    assert fake.submit_times[1] - fake.submit_times[0] >= 0.25
+    assert anyio.current_time() - started > 0.2
+
+
+async def test_503_asking_for_too_long_a_wait_is_a_rate_limit_error() -> None:
+    async with wired(max_retry_wait=10) as (fake, client):
+        fake.inject(503, retry_after=120)
+        with pytest.raises(kx.RateLimitError) as caught:
+            await client.submit(kx.ImageRequest("x"))
+    assert caught.value.status_code == 503
+    assert caught.value.retry_after == 120
+    assert caught.value.maybe_created is False
+
+
 async def test_rate_limit_retries_are_bounded() -> None:
     async with wired(max_retries=2) as (fake, client):
         fake.inject(429, retry_after=0.01, times=5)
@@ -542,7 +578,7 @@ async def test_rate_limit_retries_are_bounded() -> None:
     assert fake.accepted_submits == 0
     assert caught.value.maybe_created is False
     stats = client.stats
-    assert (stats.submit_errors, stats.retries, stats.rate_limited) == (1, 2, 2)
+    assert (stats.submit_errors, stats.retries, stats.rate_limited) == (1, 2, 3)
 
 
 async def test_503_with_retry_after_is_retried() -> None:
