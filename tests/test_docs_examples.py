@@ -26,7 +26,7 @@ EXPECTED_LINE = {
     "bulk_generate_many.py": "'a forbidden sign' -> failed: TaskFailedError",
     "bulk_pipeline.py": "all 20 of 20 requests accounted for",
     "callback_security.py": "old token, 'new-secret' only: rejected (CallbackAuthError)",
-    "errors_retries.py": "ServerError: maybe_created=True, not resubmitting",
+    "errors_retries.py": "while the client is paused: 0 more submit calls",
     "quickstart.py": "quick start finished: 13 tasks created",
     "testing_fake.py": "8 submit calls for 6 requests",
     "testing_loopback.py": "2 images, 2 callbacks POSTed to http://127.0.0.1:",

@@ -34,7 +34,7 @@ async def submit_safely(client: kx.AsyncKeevx, request: kx.ImageRequest) -> list
     except kx.TaskFailedError as exc:  # the task ran and failed: no image
         print(f"task failed ({exc.status}): {exc.error_message}")
     except kx.RateLimitError as exc:  # retries spent, or Retry-After > max_retry_wait
-        print(f"rate limited; the service asked to wait {exc.retry_after} s")
+        print(f"rate limited; the service asked to wait {exc.retry_after:.0f} s")
     except (kx.APIError, kx.TransportError) as exc:
         if exc.maybe_created:
             # The request may have been accepted (and billed) although no task IDs came
@@ -87,10 +87,6 @@ async def main() -> None:
         held = sum(1 for at in later if at - started >= 0.49)
         print(f"{held} of {len(later)} later submits waited out the 0.5 s pause")
 
-        # A Retry-After longer than max_retry_wait (60 s by default): raised, not slept.
-        fake.inject(429, retry_after=120)
-        await submit_safely(client, REQUEST)
-
         # A 500 after the body was sent is ambiguous: the service may have created
         # the tasks (create=True makes the fake do exactly that). Never retried.
         fake.inject(500, create=True)
@@ -108,6 +104,15 @@ async def main() -> None:
             await client.retrieve("i2is-does-not-exist")
         except kx.KeevxError as exc:
             print(f"retrieve: {type(exc).__name__} code={getattr(exc, 'code', None)}")
+
+        # A Retry-After longer than max_retry_wait (60 s by default): raised, not slept.
+        # The client still honours it: until it is over, its other submits fail at once,
+        # unsent (so this client is done for the next two minutes).
+        fake.inject(429, retry_after=120)
+        await submit_safely(client, REQUEST)
+        calls = fake.submit_calls
+        await submit_safely(client, REQUEST)
+        print(f"while the client is paused: {fake.submit_calls - calls} more submit calls")
 
 
 if __name__ == "__main__":
