@@ -2,7 +2,9 @@
 
 Every body the SDK sends or reads passes through here. Reading is strict about the
 fields the SDK relies on (a missing or mistyped one raises `WireFormatError`
-naming it, as ``data.task_id``) and keeps every other field in ``raw``.
+naming it, as ``data.task_id``), lenient about the ones it only passes on (an odd
+``task_type``, ``msg`` or ``thumbnail_url`` must not cost a user their image), and keeps
+every field as received in ``raw``.
 """
 
 from __future__ import annotations
@@ -61,17 +63,26 @@ class _SubmitData:
 class _TaskData:
     task_id: str
     status: str
-    image_url: str | None = None
-    thumbnail_url: str | None = None
-    error_message: str | None = None
+    # Read leniently (see _text): only a SUCCEEDED task's image_url must be a string.
+    image_url: Any = None
+    thumbnail_url: Any = None
+    error_message: Any = None
 
 
 @attrs.frozen
 class _CallbackBody:
     data: _TaskData
-    code: int = 0
-    msg: str | None = None
-    task_type: str | None = None
+    # Passed on, never relied upon: read leniently.
+    code: Any = 0
+    msg: Any = None
+    task_type: Any = None
+
+
+def _text(value: object) -> str:
+    """A lenient string field: strings as they are, nothing for null, text for the rest."""
+    if isinstance(value, str):
+        return value
+    return "" if value is None else json.dumps(value)
 
 
 def _strict_str(value: object, _: object) -> str:
@@ -129,6 +140,8 @@ def load_json(body: bytes | str, what: str) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise WireFormatError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise WireFormatError(f"{what} is nested too deeply to be read") from None
 
 
 def _require_object(value: object, what: str, field: str | None = None) -> Mapping[str, Any]:
@@ -188,6 +201,10 @@ def decode_task_ids(data: object) -> tuple[str, ...]:
         raise WireFormatError(
             "submit reply field 'data.task_ids' holds no task ID", field="data.task_ids"
         )
+    if len(set(submit.task_ids)) != len(submit.task_ids):
+        raise WireFormatError(
+            "submit reply field 'data.task_ids' repeats a task ID", field="data.task_ids"
+        )
     return tuple(submit.task_ids)
 
 
@@ -198,12 +215,13 @@ def decode_snapshot(data: object) -> TaskSnapshot:
     _require_task_id(task.task_id, "task reply")
     if not task.status:
         raise WireFormatError("task reply field 'data.status' is empty", field="data.status")
+    image_url = _image_url(task, "task reply")
     return TaskSnapshot(
         task_id=task.task_id,
         status=task.status,
-        image_url=task.image_url or "",
-        thumbnail_url=task.thumbnail_url or "",
-        error_message=task.error_message or "",
+        image_url=image_url,
+        thumbnail_url=_text(task.thumbnail_url),
+        error_message=_text(task.error_message),
         raw=value,
     )
 
@@ -229,13 +247,25 @@ def decode_callback(body: bytes | str | Mapping[str, Any]) -> CallbackPayload:
     return CallbackPayload(
         task_id=data.task_id,
         status=data.status,
-        image_url=data.image_url or "",
-        error_message=data.error_message or "",
-        task_type=parsed.task_type or "image_generate",
-        code=parsed.code,
-        msg=parsed.msg or "",
+        image_url=_image_url(data, "callback body"),
+        error_message=_text(data.error_message),
+        task_type=_text(parsed.task_type) or "image_generate",
+        code=parsed.code if type(parsed.code) is int else 0,
+        msg=_text(parsed.msg),
         raw=value["data"],
     )
+
+
+def _image_url(task: _TaskData, what: str) -> str:
+    """The image URL: a string for a SUCCEEDED task; anything goes for the others."""
+    if task.status != FINISHED_OK:
+        return task.image_url if isinstance(task.image_url, str) else ""
+    if not isinstance(task.image_url, str):
+        raise WireFormatError(
+            f"{what} field 'data.image_url' must be a string; got {type(task.image_url).__name__}",
+            field="data.image_url",
+        )
+    return task.image_url
 
 
 def _require_task_id(task_id: str, what: str) -> None:

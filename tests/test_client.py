@@ -693,8 +693,11 @@ async def test_wrong_api_key_raises_authentication_error() -> None:
         b'{"code": 0, "msg": "ok"}',
         b'{"code": 0, "msg": "ok", "data": {"task_ids": []}}',
         b'{"code": 0, "msg": "ok", "data": {"task_ids": ["a", 5]}}',
+        b'{"code": 0, "msg": "ok", "data": {"task_ids": ["a", "a"]}}',
         b'{"msg": "no code"}',
+        b'{"code": 0, "data": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
     ],
+    ids=["not json", "no data", "no ids", "id not a string", "repeated id", "no code", "nested"],
 )
 async def test_unreadable_submit_reply_is_ambiguous(reply: bytes) -> None:
     app = ScriptedApp((200, reply, {}))

@@ -210,7 +210,6 @@ async def test_without_verification_callbacks_need_no_token() -> None:
         b'{"code": 0}',
         b'{"data": {"task_id": "", "status": "FAILED"}}',
         b'{"data": {"task_id": "i2is-a", "status": "SUCCEEDED"}}',
-        b'{"code": "0", "data": {"task_id": "i2is-a", "status": "FAILED"}}',
     ],
 )
 async def test_malformed_body_is_400_and_changes_nothing(body: bytes) -> None:
