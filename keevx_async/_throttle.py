@@ -61,7 +61,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 class Throttle:
     """Paces attempts and holds the client-wide pause. One per client."""
 
-    __slots__ = ("_interval", "_next_slot", "_paused_until")
+    __slots__ = ("_interval", "_next_slot", "_pace_lock", "_paused_until")
 
     def __init__(self, max_per_second: float | None) -> None:
         if max_per_second is not None and not max_per_second > 0:
@@ -69,6 +69,9 @@ class Throttle:
         self._interval = 0.0 if max_per_second is None else 1.0 / max_per_second
         self._next_slot = -math.inf
         self._paused_until = -math.inf
+        # Paced attempts queue here one by one (a fair lock), so a caller cancelled while
+        # it waits for its turn leaves no reserved slot behind to slow the others down.
+        self._pace_lock = anyio.Lock()
 
     @property
     def paused_for(self) -> float:
@@ -85,18 +88,24 @@ class Throttle:
     async def before_attempt(self, *, paced: bool = True) -> None:
         """Wait out the pause, then (when ``paced``) the pace slot; return when the
         attempt may start."""
-        while True:
-            wait = self._paused_until - anyio.current_time()
-            if wait > 0:
-                await anyio.sleep(wait)
-                continue
-            if paced and self._interval:
-                now = anyio.current_time()
-                # Slots are reserved synchronously, so concurrent callers get distinct ones.
-                slot = max(now, self._next_slot)
-                self._next_slot = slot + self._interval
-                if slot > now:
-                    await anyio.sleep(slot - now)
-                if self._paused_until > anyio.current_time():
-                    continue
+        await self._wait_unpaused()
+        if not (paced and self._interval):
             return
+        async with self._pace_lock:
+            while True:
+                wait = self._next_slot - anyio.current_time()
+                if wait > 0:
+                    await anyio.sleep(wait)
+                await self._wait_unpaused()
+                now = anyio.current_time()
+                if now >= self._next_slot:
+                    # On time (a late wake-up included): keep the grid, so lateness does
+                    # not add up; after an idle spell: start the grid from now.
+                    on_time = now - self._next_slot < self._interval
+                    self._next_slot = (self._next_slot if on_time else now) + self._interval
+                    return
+
+    async def _wait_unpaused(self) -> None:
+        # A deadline that pause() may push back while we sleep: no event to wait for.
+        while (wait := self._paused_until - anyio.current_time()) > 0:  # noqa: ASYNC110
+            await anyio.sleep(wait)

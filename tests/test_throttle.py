@@ -217,7 +217,19 @@ async def test_pause_set_while_waiting_for_a_pace_slot_is_honoured() -> None:
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(throttle.before_attempt)  # sleeps toward the next slot
-        await anyio.wait_all_tasks_blocked()
+        await anyio.sleep(0.03)  # well before that slot comes
         throttle.pause(0.25, "HTTP 429")
 
     assert anyio.current_time() - start >= 0.25 - SLACK
+
+
+async def test_a_caller_cancelled_while_waiting_for_its_slot_leaves_none_reserved() -> None:
+    throttle = Throttle(10.0)  # slots 0.1 s apart
+    await throttle.before_attempt()
+    next_slot = throttle._next_slot
+    with anyio.move_on_after(0.05):
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(throttle.before_attempt)
+    # The twenty cancelled callers reserved nothing: the next slot is still the second one.
+    assert throttle._next_slot == next_slot
