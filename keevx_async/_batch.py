@@ -257,12 +257,23 @@ class Batch:
                 self._outstanding.add(task)
                 if deadline is not None:
                     self._deadlines.append((deadline, task))
+            self._compact_deadlines()
             if self._timer_wakeup is not None:
                 self._timer_wakeup.set()
         finally:
             self._submitting -= 1
             slots.release()
             self._wake()
+
+    def _compact_deadlines(self) -> None:
+        # Finished tasks leave the queue only from its front; drop the rest of them now and
+        # then, so the queue (and the results it holds) stays proportional to the tasks
+        # in flight rather than to throughput times timeout.
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self._outstanding) + 64:
+            live = [entry for entry in deadlines if not entry[1].done()]
+            deadlines.clear()
+            deadlines.extend(live)
 
     async def _expire_overdue(self, timeout: float) -> None:
         # Deadlines are appended in time order (reply time + a constant), so the

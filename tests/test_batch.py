@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import random
+import weakref
 from typing import TYPE_CHECKING
 
 import anyio
@@ -166,6 +167,20 @@ async def test_batch_timeout_yields_overdue_tasks_with_task_timeout_error() -> N
         assert error.task_id == task.task_id
         assert error.timeout == 0.05
     assert stats.pending == 0
+
+
+async def test_yielded_tasks_are_not_kept_alive_by_a_long_timeout() -> None:
+    alive: list[weakref.ref[kx.Task]] = []
+    async with wired({"complete_after": 0.0}, max_concurrency=8) as (_, client):
+        async with client.batch([f"p{i}" for i in range(600)], timeout=3600) as batch:
+            async for task in batch:
+                alive.append(weakref.ref(task))
+            del task
+            gc.collect()
+            # Inside the block, before the batch lets go of everything on exit.
+            still_alive = sum(1 for ref in alive if ref() is not None)
+    assert len(alive) == 600
+    assert still_alive <= 64 + 2 * 8
 
 
 async def test_late_callback_after_batch_timeout_is_a_duplicate() -> None:
