@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
-__all__ = ["DEFAULT_MAX_PENDING", "Batch", "collect_aligned"]
+__all__ = ["DEFAULT_MAX_PENDING", "Batch", "as_request", "collect_aligned"]
 
 DEFAULT_MAX_PENDING: Final = 10_000
 
@@ -44,7 +44,8 @@ async def _aiterate(source: Iterable[_T] | AsyncIterable[_T]) -> AsyncGenerator[
             yield item
 
 
-def _as_request(item: object, position: int) -> ImageRequest:
+def as_request(item: object, position: int) -> ImageRequest:
+    """An item of a batch's input as a request: an ImageRequest, or a prompt string."""
     if isinstance(item, ImageRequest):
         return item
     if isinstance(item, str):
@@ -70,8 +71,10 @@ class Batch:
     up, and not at all while ``max_pending`` tasks are submitted but not yet yielded.
 
     Raises (from the ``async for``):
-        TypeError, InvalidRequestError: an item of ``requests`` is not a valid request.
-            The batch stops: leaving the block cancels what is unfinished.
+        TypeError, InvalidRequestError: an item of ``requests`` is not a valid request,
+            or any error the input raised. Reading stops there; every request read
+            before it is still submitted, finished and yielded, and then the error is
+            raised.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Batch:
         self._submitting = 0
         self._input_done = False
         self._error: BaseException | None = None
+        self._input_error: BaseException | None = None
         self._wakeup: anyio.Event | None = None
         self._timer_wakeup: anyio.Event | None = None
         self._room: anyio.Event | None = None
@@ -183,6 +187,9 @@ class Batch:
             if self._error is not None:
                 raise self._error
             if self._input_done and not self._submitting and not self._outstanding:
+                if self._input_error is not None:
+                    # Only now: every request read before the bad one has been reported.
+                    raise self._input_error
                 raise StopAsyncIteration
             # Consumers share one event: several tasks may iterate the same batch.
             if self._wakeup is None or self._wakeup.is_set():
@@ -222,13 +229,13 @@ class Batch:
                     except StopAsyncIteration:
                         slots.release()
                         break
-                    request = _as_request(item, position)
+                    request = as_request(item, position)
                     self.requests_read += 1
                     self._submitting += 1
                     task_group.start_soon(self._submit_one, request, position, slots)
                     position += 1
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, never swallowed
-            self._error = exc
+            self._input_error = exc
         finally:
             self._input_done = True
             self._wake()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
@@ -16,7 +17,7 @@ import anyio
 import attrs
 import httpx
 
-from ._batch import DEFAULT_MAX_PENDING, Batch, collect_aligned
+from ._batch import DEFAULT_MAX_PENDING, Batch, as_request, collect_aligned
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -57,7 +58,7 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Iterable, Mapping, Sequence
+    from collections.abc import AsyncIterable, Iterable, Mapping
     from types import TracebackType
 
     from typing_extensions import Self
@@ -428,7 +429,14 @@ class AsyncKeevx:
         Returns a list aligned with ``requests``: for each, the results in task order,
         with each failed task's error in its place; a request whose submit failed gives
         a one-item list holding the submission error. Never raises for a single task.
+
+        Raises:
+            TypeError, InvalidRequestError: an item is not a valid request. A list (any
+                sequence) is checked whole first, so then nothing was sent.
         """
+        if isinstance(requests, Sequence) and not isinstance(requests, str):
+            # A list is checked whole before anything is sent (and paid for).
+            requests = [as_request(item, position) for position, item in enumerate(requests)]
         async with self.batch(requests, concurrency=concurrency, timeout=timeout) as running:
             return await collect_aligned(running)
 

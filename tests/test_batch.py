@@ -246,12 +246,39 @@ async def test_invalid_input_item_stops_the_batch_with_a_clear_error(
     bad: object, error: type[Exception]
 ) -> None:
     items: list[object] = ["fine", bad, "never read"]
-    async with wired() as (_, client):
+    yielded: list[str] = []
+    async with wired({"complete_after": 0.05}) as (fake, client):
         with pytest.raises(error, match=r"prompt|requests\[1\]"):
             async with client.batch(items) as batch:  # type: ignore[arg-type]
-                async for _task in batch:
-                    pass
+                async for task in batch:
+                    yielded.append(task.result().image_url)
         assert client.stats.pending == 0
+    # The request read before the bad one was still finished and reported.
+    assert len(yielded) == 1
+    assert batch.requests_read == 1
+    assert fake.accepted_submits == 1
+
+
+async def test_input_that_fails_midway_still_reports_what_it_gave() -> None:
+    def prompts() -> Iterator[str]:
+        yield "one"
+        yield "two"
+        raise OSError("the database went away")
+
+    async with wired({"complete_after": 0.05}) as (_, client):
+        seen: list[str] = []
+        with pytest.raises(OSError, match="database"):
+            async with client.batch(prompts()) as batch:
+                async for task in batch:
+                    seen.append(task.request.prompt)
+    assert sorted(seen) == ["one", "two"]
+
+
+async def test_generate_many_checks_a_whole_list_before_sending() -> None:
+    async with wired() as (fake, client):
+        with pytest.raises(kx.InvalidRequestError, match="prompt"):
+            await client.generate_many(["fine", "x" * 1001, "also fine"])
+    assert fake.submit_calls == 0
 
 
 async def test_batch_concurrency_is_capped_at_the_server() -> None:
