@@ -44,6 +44,13 @@ def tests(session: nox.Session) -> None:
     session.run("coverage", "report")
 
 
+@nox.session
+def tests_lowest(session: nox.Session) -> None:
+    """The test suite against the lowest dependency versions pyproject.toml allows."""
+    session.install(".[test]", "anyio==4.4.0", "attrs==23.2.0", "cattrs==23.2.1", "httpx==0.27.0")
+    session.run("pytest", *session.posargs)
+
+
 @nox.session(python=["3.10", "3.11", "3.12", "3.13"])
 def tests_all(session: nox.Session) -> None:
     """The test suite on every supported Python found on this machine (not run by CI)."""
