@@ -99,10 +99,9 @@ class Throttle:
                 await self._wait_unpaused()
                 now = anyio.current_time()
                 if now >= self._next_slot:
-                    # On time (a late wake-up included): keep the grid, so lateness does
-                    # not add up; after an idle spell: start the grid from now.
-                    on_time = now - self._next_slot < self._interval
-                    self._next_slot = (self._next_slot if on_time else now) + self._interval
+                    # Spaced from the actual start: a late wake-up never makes the next
+                    # gap shorter, so the rate is never exceeded in any window.
+                    self._next_slot = now + self._interval
                     return
 
     async def _wait_unpaused(self) -> None:

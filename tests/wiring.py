@@ -30,13 +30,9 @@ async def wired(
     """
     options: dict[str, Any] = {"api_key": API_KEY, "seed": 1234, "complete_after": 0.001}
     options.update(fake_options or {})
-    async with FakeKeevx(**options) as fake, fake.http_client() as http:
-        client_options.setdefault("callback_url", CALLBACK_URL)
-        async with kx.AsyncKeevx(
-            api_key=API_KEY, base_url=fake.base_url, http_client=http, **client_options
-        ) as client:
-            fake.deliver_into(client)
-            yield fake, client
+    client_options.setdefault("callback_url", CALLBACK_URL)
+    async with FakeKeevx(**options) as fake, fake.client(**client_options) as client:
+        yield fake, client
 
 
 def callback_body(

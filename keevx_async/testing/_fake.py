@@ -22,6 +22,7 @@ import anyio
 import attrs
 import httpx
 
+from keevx_async._client import AsyncKeevx
 from keevx_async._types import (
     FINISHED_OK,
     IMAGE_QUALITIES,
@@ -52,6 +53,8 @@ __all__ = ["CallbackSink", "FakeKeevx", "FakeTask"]
 IN_PROCESS_BASE_URL: Final = "https://api.fake.keevx.test"
 """``base_url`` of a fake that is not served on a socket (reached through ASGITransport)."""
 DEFAULT_IMAGE_BASE_URL: Final = "https://images.fake.keevx.test"
+EXAMPLE_CALLBACK_URL: Final = "https://app.example.test/keevx/callback"
+"""The ``callback_url`` of clients made by ``FakeKeevx.client`` unless told otherwise."""
 SUBMIT_PATH: Final = "/v1/image_generate"
 TASK_ID_PREFIX: Final = "i2is-"
 GENERATING: Final = "GENERATING"
@@ -442,6 +445,36 @@ class FakeKeevx:
         kwargs.setdefault("transport", httpx.ASGITransport(app=self))
         kwargs.setdefault("base_url", self.base_url)
         return httpx.AsyncClient(**kwargs)
+
+    @asynccontextmanager
+    async def client(
+        self, *, deliver_callbacks: bool = True, **options: Any
+    ) -> AsyncIterator[AsyncKeevx]:
+        """An [`AsyncKeevx`][keevx_async.AsyncKeevx] wired to this fake, for the block.
+
+        It reaches the fake in-process (through ``httpx.ASGITransport``) and, with
+        ``deliver_callbacks``, gets every callback handed straight in, token included,
+        as its ``callback_app`` would:
+
+        ```python
+        async with FakeKeevx() as fake, fake.client() as client:
+            images = await client.generate(kx.ImageRequest("a red fox"))
+        ```
+
+        ``options`` go to ``AsyncKeevx`` (``api_key`` defaults to the fake's, or
+        ``"test"``; ``callback_url`` to ``https://app.example.test/keevx/callback``).
+        """
+        options.setdefault("api_key", self.api_key or "test")
+        options.setdefault("base_url", self.base_url)
+        options.setdefault("callback_url", EXAMPLE_CALLBACK_URL)
+        async with self.http_client() as http, AsyncKeevx(http_client=http, **options) as client:
+            if deliver_callbacks:
+                self.deliver_into(client)
+            try:
+                yield client
+            finally:
+                if deliver_callbacks and self._callback_target is client:
+                    self.deliver_into(None)
 
     @asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[LoopbackServer]:
