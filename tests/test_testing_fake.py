@@ -16,6 +16,7 @@ import anyio
 import httpx
 import pytest
 
+import keevx_async as kx
 from keevx_async._types import IMAGE_QUALITIES, IMAGE_RATIOS
 from keevx_async.testing import FakeKeevx, FakeTask, serve_asgi
 from keevx_async.testing.__main__ import build_parser, main
@@ -991,3 +992,25 @@ def test_command_line_knobs() -> None:
         True,
         3,
     )
+
+
+# --- FakeKeevx.client -------------------------------------------------------------------
+
+
+async def test_client_is_wired_to_the_fake_and_gets_callbacks_straight_in() -> None:
+    async with FakeKeevx(api_key="secret-key") as fake, fake.client() as client:
+        results = await client.generate(kx.ImageRequest("a kite", generate_count=2))
+        assert {r.task_id for r in results} == set(fake.tasks)
+        assert client.callback_url == "https://app.example.test/keevx/callback"
+    # Leaving the block stops handing callbacks to the closed client.
+    assert fake._callback_target is None
+
+
+async def test_client_options_go_to_the_client() -> None:
+    async with FakeKeevx(lost_rate=1.0) as fake:
+        async with fake.client(max_concurrency=3, deliver_callbacks=False) as client:
+            assert client.max_concurrency == 3
+            assert fake._callback_target is None
+            submission = await client.submit(kx.ImageRequest("x"))
+            await fake.wait_idle()
+            assert not submission.tasks[0].done()

@@ -59,17 +59,7 @@ async def main() -> None:
         lost_rate=0.1,  # some callbacks never come: those tasks time out
         seed=1,
     )
-    async with (
-        fake,
-        fake.http_client() as http,
-        kx.AsyncKeevx(
-            api_key="test",
-            base_url=fake.base_url,
-            http_client=http,
-            callback_url="https://app.example.test/keevx/callback",
-        ) as client,
-    ):
-        fake.deliver_into(client)
+    async with fake, fake.client() as client:
         fake.inject(400)  # the next submit is refused (a 4xx: nothing was created)
         image_urls: list[str] = []
         outcomes = await run_pipeline(client, image_urls)

@@ -56,18 +56,7 @@ async def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="  log: %(message)s", stream=sys.stdout)
     invalid_request()
     fake = FakeKeevx(fail_if=lambda prompt: "forbidden" in prompt)
-    async with (
-        fake,
-        fake.http_client() as http,
-        kx.AsyncKeevx(
-            api_key="test",
-            base_url=fake.base_url,
-            http_client=http,
-            callback_url="https://app.example.test/keevx/callback",
-        ) as client,
-    ):
-        fake.deliver_into(client)
-
+    async with fake, fake.client() as client:
         # A 429 with a short Retry-After: waited out and retried; the caller never sees it.
         fake.inject(429, retry_after=0.2)
         urls = await submit_safely(client, REQUEST)

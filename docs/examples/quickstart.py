@@ -70,17 +70,7 @@ async def run_generate_many(client: kx.AsyncKeevx) -> None:
 
 async def main() -> None:
     # The emulator stands in for https://api.keevx.cn and calls back into the client.
-    async with (
-        FakeKeevx() as fake,
-        fake.http_client() as http,
-        kx.AsyncKeevx(
-            api_key="test",
-            base_url=fake.base_url,
-            http_client=http,
-            callback_url="https://app.example.test/keevx/callback",
-        ) as client,
-    ):
-        fake.deliver_into(client)
+    async with FakeKeevx() as fake, fake.client() as client:
         await generate_one(client)
         await submit_then_wait(client)
         await run_batch(client)

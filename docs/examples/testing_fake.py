@@ -4,24 +4,10 @@ client makes of them.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import anyio
 
 import keevx_async as kx
 from keevx_async.testing import FakeKeevx
-
-if TYPE_CHECKING:
-    import httpx
-
-CALLBACK_URL = "https://app.example.test/keevx/callback"
-
-
-def client_for(fake: FakeKeevx, http: httpx.AsyncClient) -> kx.AsyncKeevx:
-    """A client wired to the fake (see the pytest fixtures in the Testing guide)."""
-    return kx.AsyncKeevx(
-        api_key="test", base_url=fake.base_url, http_client=http, callback_url=CALLBACK_URL
-    )
 
 
 # --8<-- [start:hard_cases]
@@ -32,8 +18,7 @@ async def hard_cases() -> None:
         shuffle=True,  # ... and not in task order
         seed=42,  # the same fates on every run
     )
-    async with fake, fake.http_client() as http, client_for(fake, http) as client:
-        fake.deliver_into(client)
+    async with fake, fake.client() as client:
         images = await client.generate(kx.ImageRequest("a maze", generate_count=4))
         await fake.wait_idle()  # every callback delivered: no sleeping in tests
         print(f"images in task order: {[image.index for image in images]}")
@@ -48,8 +33,7 @@ async def hard_cases() -> None:
 # --8<-- [start:lost]
 async def lost_callbacks() -> None:
     fake = FakeKeevx(lost_rate=1.0)  # no callback ever arrives
-    async with fake, fake.http_client() as http, client_for(fake, http) as client:
-        fake.deliver_into(client)
+    async with fake, fake.client() as client:
         submission = await client.submit(kx.ImageRequest("a message in a bottle"))
         task = submission.tasks[0]
         try:
@@ -71,8 +55,7 @@ async def lost_callbacks() -> None:
 async def scripted_faults() -> None:
     fake = FakeKeevx(latency=0.01, fail_rate=0.5, seed=2)
     fake.inject(503, retry_after=0.1, times=2)  # two throttled replies, then normal ones
-    async with fake, fake.http_client() as http, client_for(fake, http) as client:
-        fake.deliver_into(client)
+    async with fake, fake.client() as client:
         results = await client.generate_many(["a"] * 3 + ["b"] * 3)
         failed = sum(isinstance(outcomes[0], kx.TaskFailedError) for outcomes in results)
         print(f"{fake.submit_calls} submit calls for 6 requests, {failed} tasks failed")

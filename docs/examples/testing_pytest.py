@@ -42,16 +42,8 @@ async def fake() -> AsyncIterator[FakeKeevx]:
 
 @pytest.fixture
 async def client(fake: FakeKeevx) -> AsyncIterator[kx.AsyncKeevx]:
-    async with (
-        fake.http_client() as http,
-        kx.AsyncKeevx(
-            api_key="test",
-            base_url=fake.base_url,
-            http_client=http,
-            callback_url="https://app.example.test/keevx/callback",
-        ) as client,
-    ):
-        fake.deliver_into(client)
+    # An AsyncKeevx wired to the fake: callbacks go straight into it.
+    async with fake.client() as client:
         yield client
 
 
