@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import settings
+
+# Hypothesis imports its shrinking optimiser lazily, in the middle of a test. Under pytest
+# that import compiles (assertion rewriting) at whatever stack depth the test is at, and
+# CPython 3.11 before 3.11.8 can then fail with "SystemError: AST constructor recursion
+# depth mismatch" (python/cpython#106905). Importing it here, at the top, sidesteps that.
+with contextlib.suppress(ImportError):
+    import hypothesis.internal.conjecture.optimiser  # noqa: F401
 
 # Property tests check behaviour, never speed: on a shared machine a slow example is not a
 # failure. CI prints the seed of any failure, so it can be replayed.
