@@ -522,11 +522,7 @@ class AsyncKeevx:
             self._counters.callbacks_malformed += 1
             logger.warning("rejected a malformed callback: %s", exc)
             raise CallbackError(str(exc), field=exc.field) from None
-        try:
-            return self._registry.apply(payload, submission_id)
-        except CallbackAuthError:
-            self._counters.callbacks_rejected += 1
-            raise
+        return self._registry.apply(payload, submission_id)
 
     # --- observing --------------------------------------------------------------------
 
@@ -544,7 +540,8 @@ class AsyncKeevx:
             resolved_by_callback=counts.resolved - self._counters.resolved_by_lookup,
             resolved_by_lookup=self._counters.resolved_by_lookup,
             lookups=self._counters.lookups,
-            callbacks_rejected=self._counters.callbacks_rejected,
+            # Bad tokens are refused here; tokens of the wrong submission by the registry.
+            callbacks_rejected=self._counters.callbacks_rejected + counts.rejected,
             callbacks_malformed=self._counters.callbacks_malformed,
             callbacks_buffered=counts.buffered,
             callbacks_duplicate=counts.duplicates,
