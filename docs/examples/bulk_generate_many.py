@@ -1,3 +1,4 @@
+# expect: 'a forbidden sign' -> failed: TaskFailedError
 """``generate_many``: a list in, a list out, failures in place; and a paced client.
 
 The client is capped at 20 submits per second (``max_per_second``), evenly spaced.

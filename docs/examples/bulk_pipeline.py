@@ -1,3 +1,4 @@
+# expect: all 20 of 20 requests accounted for
 """A bulk pipeline: a lazy async source, live progress, and failures kept apart.
 
 Twenty prompts stream in from an async generator. One request is refused by the service,

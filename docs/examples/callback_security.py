@@ -1,3 +1,4 @@
+# expect: old token, 'new-secret' only: rejected (CallbackAuthError)
 """Callback tokens: what the service is given, what is refused, and sharing and rotating
 the secret across the workers of one app.
 """

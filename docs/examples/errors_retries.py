@@ -1,3 +1,4 @@
+# expect: while the client is paused: 0 more submit calls
 """Errors and retries: what is retried, what is raised, and what ``maybe_created`` means.
 
 Every fault here is scripted with ``FakeKeevx.inject`` or ``fail_if``.

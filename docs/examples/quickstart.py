@@ -1,3 +1,4 @@
+# expect: quick start finished: 13 tasks created
 """Quick start: generate, submit, batch and generate_many, end to end on FakeKeevx.
 
 Run it with ``python docs/examples/quickstart.py``: no API key, no network.

@@ -1,3 +1,4 @@
+# expect: 8 submit calls for 6 requests
 """FakeKeevx's fault knobs: early, duplicate, shuffled and lost callbacks, and what the
 client makes of them.
 """

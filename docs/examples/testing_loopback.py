@@ -1,3 +1,4 @@
+# expect: 2 images, 2 callbacks POSTed to http://127.0.0.1:
 """End to end over real sockets: FakeKeevx and your callback receiver on 127.0.0.1.
 
 The client uses its own HTTP connections (no injected transport), and the fake POSTs every

@@ -1,3 +1,4 @@
+# expect: 6 passed
 """Test your own code with FakeKeevx and pytest, under asyncio and trio.
 
 ``thumbnails`` is the application code under test; the fixtures give every test a fresh

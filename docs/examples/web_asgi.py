@@ -1,3 +1,4 @@
+# expect: a forged callback (no token) is answered with HTTP 401
 """Receive callbacks in a plain ASGI app: no web framework, just ``client.callback_app``.
 
 FakeKeevx POSTs each callback over HTTP to the app (in-process, through

@@ -1,3 +1,4 @@
+# expect: via callback_app: 2 images; via feed_callback: 1
 """Receive callbacks in Starlette (and so in FastAPI): mount ``callback_app``, or call
 ``feed_callback`` from a route of your own.
 
