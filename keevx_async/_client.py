@@ -38,6 +38,7 @@ from ._models import (
     check_http_url,
 )
 from ._receiver import DEFAULT_MAX_BODY_SIZE, CallbackApp
+from ._reconcile import Reconciler
 from ._registry import (
     DEFAULT_EARLY_MAX_AGE,
     DEFAULT_MAX_EARLY,
@@ -46,6 +47,7 @@ from ._registry import (
 from ._task import Submission, Task, wait_all
 from ._throttle import Throttle, backoff_delay, parse_retry_after
 from ._tokens import CallbackSigner, attach_token, token_from_url
+from ._transport import FanoutClient, FanoutTransport
 from ._version import __version__
 from ._wire import (
     Envelope,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Iterable, Mapping
     from types import TracebackType
 
+    from anyio.abc import TaskGroup
     from typing_extensions import Self
 
     from ._types import CallbackTokenIn
@@ -93,7 +96,11 @@ class ClientStats:
         tasks_created: task IDs received.
         resolved_by_callback: tasks finished by a callback.
         resolved_by_lookup: tasks finished by ``retrieve``.
-        lookups: GET requests answered (``retrieve`` calls that returned).
+        lookups: GET requests answered (``retrieve`` calls that returned, the
+            sweeper's included).
+        lookup_errors: lookups of overdue tasks that failed (retried later).
+        overdue_scheduled: planned lookups of tasks whose callback may still come (a
+            submission's tasks share one entry until their first lookup).
         callbacks_rejected: callbacks refused for a missing, invalid or foreign token.
         callbacks_malformed: callbacks refused for a malformed body.
         callbacks_buffered: early callbacks kept for a task not registered yet.
@@ -111,6 +118,8 @@ class ClientStats:
     resolved_by_callback: int
     resolved_by_lookup: int
     lookups: int
+    lookup_errors: int
+    overdue_scheduled: int
     callbacks_rejected: int
     callbacks_malformed: int
     callbacks_buffered: int
@@ -182,8 +191,13 @@ class AsyncKeevx:
         verify_callbacks: refuse callbacks without a valid token. Turn off only where
             something else authenticates callbacks.
         callback_token_in: ``"query"`` or ``"path"``: where the token goes in the URL.
-        reconcile_after: seconds without a callback before a task is looked up; ``None``
-            never looks up. (Accepted now; the lookup sweeper is not built yet.)
+        reconcile_after: seconds from a task's submit reply without its callback before
+            it is looked up with the GET endpoint (then again after a doubling interval
+            while it is still running); ``None`` never looks up. A submission without a
+            callback URL is looked up after ``min(reconcile_after, 2)`` seconds.
+            Lookups run while the client is entered (``async with``).
+        reconcile_per_second: the most lookups started per second (``None``: unpaced;
+            never more than 4 at once either way).
         max_early_callbacks: early callbacks kept at most (oldest evicted first).
         early_callback_max_age: seconds an early callback is kept.
         max_callback_body: the largest callback body ``callback_app`` accepts (bytes).
@@ -205,6 +219,7 @@ class AsyncKeevx:
         verify_callbacks: bool = True,
         callback_token_in: CallbackTokenIn = "query",
         reconcile_after: float | None = 300.0,
+        reconcile_per_second: float | None = 10.0,
         max_early_callbacks: int = DEFAULT_MAX_EARLY,
         early_callback_max_age: float = DEFAULT_EARLY_MAX_AGE,
         max_callback_body: int = DEFAULT_MAX_BODY_SIZE,
@@ -231,6 +246,10 @@ class AsyncKeevx:
             raise ValueError(f"max_retry_wait must be >= 0; got {max_retry_wait!r}")
         if reconcile_after is not None and not reconcile_after > 0:
             raise ValueError(f"reconcile_after must be > 0 or None; got {reconcile_after!r}")
+        if reconcile_per_second is not None and not reconcile_per_second > 0:
+            raise ValueError(
+                f"reconcile_per_second must be > 0 or None; got {reconcile_per_second!r}"
+            )
         if max_callback_body < 1:
             raise ValueError(f"max_callback_body must be >= 1; got {max_callback_body!r}")
         self.max_retries = max_retries
@@ -248,6 +267,19 @@ class AsyncKeevx:
             max_early=max_early_callbacks, early_max_age=early_callback_max_age
         )
         self._counters = _Counters()
+        self._reconciler = (
+            None
+            if reconcile_after is None
+            else Reconciler(
+                lookup=self.retrieve,
+                is_pending=self._is_pending,
+                pending_count=lambda: self._registry.pending_count,
+                after=reconcile_after,
+                per_second=reconcile_per_second,
+            )
+        )
+        self._task_group: TaskGroup | None = None
+        self._warned_not_entered = False
         self._headers = {
             "Authorization": f"Bearer {api_key}",
             "User-Agent": (
@@ -270,10 +302,12 @@ class AsyncKeevx:
         """An ASGI app receiving the service's callbacks; mount it at ``callback_url``."""
 
     def _build_http_client(self) -> httpx.AsyncClient:
+        # Sized so a full fan-out never waits for a connection; the transport is picked at
+        # the first request (aiohttp on asyncio when installed, else sharded httpx pools).
         connections = self.max_concurrency + _POOL_HEADROOM
-        return httpx.AsyncClient(
-            timeout=self._timeout,
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        return FanoutClient(
+            timeout=self._timeout, limits=limits, transport=FanoutTransport(limits=limits)
         )
 
     def __repr__(self) -> str:
@@ -282,6 +316,15 @@ class AsyncKeevx:
     # --- lifetime ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
+        """Start the lookup sweeper (see ``reconcile_after``) and return the client."""
+        self._check_open()
+        if self._task_group is not None:
+            raise RuntimeError("this AsyncKeevx is already entered: enter it once")
+        if self._reconciler is not None:
+            task_group = anyio.create_task_group()
+            await task_group.__aenter__()
+            self._task_group = task_group
+            await task_group.start(self._reconciler.run)
         return self
 
     async def __aexit__(
@@ -290,14 +333,25 @@ class AsyncKeevx:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.aclose()
+        task_group, self._task_group = self._task_group, None
+        try:
+            if task_group is not None:
+                task_group.cancel_scope.cancel()
+                # The block's own exception is not passed in: it propagates as raised.
+                await task_group.__aexit__(None, None, None)
+        finally:
+            await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the client's own HTTP connections (an injected ``http_client`` is left open)."""
+        """Stop the lookup sweeper and close the client's own HTTP connections (an
+        injected ``http_client`` is left open)."""
+        if self._task_group is not None:
+            self._task_group.cancel_scope.cancel()
         if not self._closed:
             self._closed = True
             if self._owns_http:
-                await self._http.aclose()
+                with anyio.CancelScope(shield=True):
+                    await self._http.aclose()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -340,6 +394,11 @@ class AsyncKeevx:
             for index, task_id in enumerate(task_ids)
         )
         self._registry.register(tasks)
+        if self._reconciler is not None:
+            if self._reconciler.running:
+                self._reconciler.schedule(task_ids, has_callback=callback_url is not None)
+            else:
+                self._warn_not_entered()
         self._counters.submitted += 1
         self._counters.tasks_created += len(tasks)
         return Submission(request=request, task_ids=task_ids, tasks=tasks)
@@ -540,6 +599,8 @@ class AsyncKeevx:
             resolved_by_callback=counts.resolved - self._counters.resolved_by_lookup,
             resolved_by_lookup=self._counters.resolved_by_lookup,
             lookups=self._counters.lookups,
+            lookup_errors=0 if self._reconciler is None else self._reconciler.lookup_errors,
+            overdue_scheduled=0 if self._reconciler is None else self._reconciler.scheduled,
             # Bad tokens are refused here; tokens of the wrong submission by the registry.
             callbacks_rejected=self._counters.callbacks_rejected + counts.rejected,
             callbacks_malformed=self._counters.callbacks_malformed,
@@ -555,10 +616,29 @@ class AsyncKeevx:
     def _warn_no_callback(self) -> None:
         if not self._warned_no_callback:
             self._warned_no_callback = True
+            if self._reconciler is None:
+                logger.warning(
+                    "no callback_url is configured and reconcile_after=None: the service "
+                    "will not call back, and results only arrive through retrieve()"
+                )
+            else:
+                logger.warning(
+                    "no callback_url is configured: the service will not call back, so "
+                    "results come from status lookups (GET), the first %.3g s after each "
+                    "submit, then at doubling intervals",
+                    self._reconciler.after_without_callback,
+                )
+
+    def _warn_not_entered(self) -> None:
+        if not self._warned_not_entered:
+            self._warned_not_entered = True
             logger.warning(
-                "no callback_url is configured: the service will not call back, and results "
-                "only arrive through retrieve()"
+                "this AsyncKeevx is not entered (`async with`), so tasks whose callback "
+                "never comes are not looked up: they wait until their timeout"
             )
+
+    def _is_pending(self, task_id: str) -> bool:
+        return self._registry.get(task_id) is not None
 
     async def _send(
         self,

@@ -263,7 +263,9 @@ class FakeKeevx:
       range to draw from uniformly (which makes callbacks arrive out of order).
     - ``fail_rate`` / ``fail_if``: the fraction of tasks that finish ``FAILED``, and a
       predicate on the prompt that fails every task of a request.
-    - ``lost_rate`` / ``duplicate_rate``: fractions of callbacks never sent / sent twice.
+    - ``lost_rate`` / ``duplicate_rate``: fractions of callbacks never sent / sent twice;
+      ``lose_if``: a predicate on the prompt whose tasks finish without calling back (a
+      lost task still finishes: the GET endpoint tells its result).
     - ``early_callbacks``: every task of a submit finishes and is called back before the
       submit reply is sent.
     - ``shuffle``: the callbacks of one submission are delivered in a different order than
@@ -275,7 +277,8 @@ class FakeKeevx:
     - ``delivery_concurrency``: callback deliveries in flight at once.
 
     The counters (``submit_calls``, ``accepted_submits``, ``submit_times``,
-    ``max_in_flight``, ``get_calls``, ``callbacks_sent``, ``delivery_failures``) and
+    ``max_in_flight``, ``get_calls``, ``get_times``, ``callbacks_sent``,
+    ``delivery_failures``) and
     ``tasks`` (the tasks created since the last reset) start over with
     `reset_metrics`; tasks created before a reset can still be looked up with GET.
     """
@@ -286,6 +289,7 @@ class FakeKeevx:
     fail_rate: float
     fail_if: Callable[[str], bool] | None
     lost_rate: float
+    lose_if: Callable[[str], bool] | None
     duplicate_rate: float
     early_callbacks: bool
     shuffle: bool
@@ -307,6 +311,8 @@ class FakeKeevx:
     """The most submit requests ever handled at once."""
     get_calls: int
     """Task-state GET requests received."""
+    get_times: list[float]
+    """``anyio.current_time()`` at the arrival of each task-state GET request."""
     callbacks_sent: int
     """Callbacks delivered successfully (a duplicate counts twice)."""
     delivery_failures: list[tuple[str, str]]
@@ -326,6 +332,7 @@ class FakeKeevx:
         fail_rate: float = 0.0,
         fail_if: Callable[[str], bool] | None = None,
         lost_rate: float = 0.0,
+        lose_if: Callable[[str], bool] | None = None,
         duplicate_rate: float = 0.0,
         early_callbacks: bool = False,
         shuffle: bool = False,
@@ -340,6 +347,7 @@ class FakeKeevx:
         self.fail_rate = fail_rate
         self.fail_if = fail_if
         self.lost_rate = lost_rate
+        self.lose_if = lose_if
         self.duplicate_rate = duplicate_rate
         self.early_callbacks = early_callbacks
         self.shuffle = shuffle
@@ -396,6 +404,7 @@ class FakeKeevx:
         self.submit_times = []
         self.max_in_flight = self.in_flight
         self.get_calls = 0
+        self.get_times = []
         self.callbacks_sent = 0
         self.delivery_failures = []
 
@@ -677,6 +686,7 @@ class FakeKeevx:
         prompt: str = request["prompt"]
         callback_url: str | None = request["callback_url"]
         scripted_failure = self.fail_if is not None and self.fail_if(prompt)
+        scripted_loss = self.lose_if is not None and self.lose_if(prompt)
         planned: list[_Planned] = []
         for index in range(request["generate_count"]):
             # The three fate draws are made for every task, whatever the rates are, so
@@ -696,8 +706,8 @@ class FakeKeevx:
                 index=index,
                 callback_url=callback_url,
                 created_at=now,
-                lost=lost and callback_url is not None,
-                duplicated=duplicated and not lost and callback_url is not None,
+                lost=(lost or scripted_loss) and callback_url is not None,
+                duplicated=duplicated and not (lost or scripted_loss) and callback_url is not None,
             )
             self.tasks[task.task_id] = self._registry[task.task_id] = task
             failure = (
@@ -719,6 +729,7 @@ class FakeKeevx:
 
     async def _handle_get(self, scope: Scope, task_id: str) -> _Reply:
         self.get_calls += 1
+        self.get_times.append(anyio.current_time())
         await anyio.sleep(self.latency)
         denied = self._auth_error(scope)
         if denied is not None:

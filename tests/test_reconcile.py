@@ -1,0 +1,372 @@
+"""Reconciliation: tasks whose callback never comes are looked up, sparingly.
+
+Every count here is measured at the fake server (GET requests it received), never by
+timing the test.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+from wiring import callback_body, wired
+
+import keevx_async as kx
+from keevx_async._reconcile import RECHECK_BASE, Reconciler
+from keevx_async.testing import FakeKeevx
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+pytestmark = pytest.mark.anyio
+
+
+def is_lost(prompt: str) -> bool:
+    return prompt.startswith("lost")
+
+
+def image_url(fake: FakeKeevx, task_id: str) -> str:
+    return f"{fake.image_base_url}/{task_id}.png"
+
+
+def assert_results_match(
+    fake: FakeKeevx,
+    requests: Sequence[kx.ImageRequest],
+    outcomes: Sequence[Sequence[kx.ImageResult | kx.KeevxError]],
+) -> None:
+    """Each result belongs to the task the fake created for that request."""
+    assert len(outcomes) == len(requests)
+    for request, results in zip(requests, outcomes, strict=True):
+        assert len(results) == request.generate_count
+        for index, result in enumerate(results):
+            assert isinstance(result, kx.ImageResult), result
+            assert result.request is request
+            assert result.index == index
+            made = fake.tasks[result.task_id]
+            assert made.prompt == request.prompt
+            assert made.index == index
+            assert result.image_url == image_url(fake, result.task_id)
+
+
+async def test_lost_callbacks_are_recovered_by_one_lookup_each() -> None:
+    requests = [
+        kx.ImageRequest(f"{'lost' if n % 2 else 'kept'} prompt {n}", generate_count=2)
+        for n in range(10)
+    ]
+    async with wired({"lose_if": is_lost}, reconcile_after=0.5) as (fake, client):
+        outcomes = await client.generate_many(requests, timeout=20)
+        await fake.wait_idle()
+        stats = client.stats
+
+    assert_results_match(fake, requests, outcomes)
+    lost = [task for task in fake.tasks.values() if task.lost]
+    assert len(lost) == 10
+    # The tasks had long finished when their lookup was due: one GET each, no more, and
+    # none at all for the tasks whose callback came.
+    assert fake.get_calls == 10
+    assert stats.resolved_by_lookup == 10
+    assert stats.resolved_by_callback == 10
+    assert stats.lookups == 10
+    assert stats.lookup_errors == 0
+    assert stats.pending == 0
+
+
+async def test_a_task_still_running_is_looked_up_again_at_doubling_intervals() -> None:
+    # Finishes 0.6 s after creation; lookups come at 0.05, 0.1, 0.2, 0.4, 0.8 s: the last
+    # finds it done. A constant 0.05 s interval would have made a dozen GETs.
+    async with wired({"lose_if": is_lost, "complete_after": 0.6}, reconcile_after=0.05) as (
+        fake,
+        client,
+    ):
+        [result] = await client.generate(kx.ImageRequest("lost slowly"), timeout=20)
+        stats = client.stats
+
+    assert result.image_url == image_url(fake, result.task_id)
+    assert 3 <= fake.get_calls <= 6
+    assert stats.lookups == fake.get_calls
+    assert stats.resolved_by_lookup == 1
+
+
+async def test_a_callback_after_the_lookup_is_a_duplicate() -> None:
+    async with wired({"lose_if": is_lost}, reconcile_after=0.05) as (fake, client):
+        [result] = await client.generate(kx.ImageRequest("lost once"), timeout=20)
+        made = fake.tasks[result.task_id]
+        assert made.callback_url is not None
+        body = callback_body(result.task_id, image_url=image_url(fake, result.task_id))
+        outcome = await client.feed_callback(body, url=made.callback_url)
+        stats = client.stats
+
+    assert outcome is kx.CallbackOutcome.DUPLICATE
+    assert stats.resolved_by_lookup == 1
+    assert stats.resolved_by_callback == 0
+    assert stats.callbacks_duplicate == 1
+
+
+async def test_callbacks_racing_lookups_resolve_every_task_once() -> None:
+    # Tasks finish (and call back) anywhere between 0 and 0.15 s while lookups start at
+    # 0.05 s: both paths fire for many tasks, each task is resolved exactly once.
+    requests = [kx.ImageRequest(f"race {n}", generate_count=4) for n in range(50)]
+    fake_options = {"complete_after": (0.0, 0.15)}
+    async with wired(fake_options, reconcile_after=0.05, reconcile_per_second=None) as (
+        fake,
+        client,
+    ):
+        outcomes = await client.generate_many(requests, timeout=20)
+        await fake.wait_idle()
+        stats = client.stats
+
+    assert_results_match(fake, requests, outcomes)
+    assert stats.resolved_by_callback + stats.resolved_by_lookup == 200
+    # Each task was called back once; a callback that found its task already resolved
+    # by a lookup changed nothing.
+    assert fake.callbacks_sent == 200
+    assert stats.callbacks_duplicate == stats.resolved_by_lookup
+
+
+async def test_without_a_callback_url_every_result_comes_by_lookup(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    requests = [kx.ImageRequest(f"no receiver {n}", generate_count=1 + n % 3) for n in range(12)]
+    with caplog.at_level(logging.WARNING, logger="keevx_async"):
+        async with wired(callback_url=None, reconcile_after=0.05) as (fake, client):
+            assert client.callback_url is None
+            outcomes = await client.generate_many(requests, timeout=20)
+            stats = client.stats
+
+    assert_results_match(fake, requests, outcomes)
+    assert fake.callbacks_sent == 0
+    assert stats.resolved_by_lookup == sum(r.generate_count for r in requests)
+    notes = [r.getMessage() for r in caplog.records if "no callback_url" in r.getMessage()]
+    assert len(notes) == 1
+    assert "status lookups" in notes[0]
+
+
+async def test_a_plain_script_with_default_settings_gets_its_results() -> None:
+    # The defaults: no callback URL and reconcile_after=300 look up after RECHECK_BASE s.
+    async with FakeKeevx(complete_after=0.01) as fake, fake.client(callback_url=None) as client:
+        with anyio.fail_after(RECHECK_BASE + 20):
+            [result] = await client.generate(kx.ImageRequest("a quiet lake"))
+
+    assert result.image_url == image_url(fake, result.task_id)
+    assert fake.get_calls == 1
+
+
+async def test_reconcile_after_none_makes_no_lookup() -> None:
+    async with wired({"lose_if": is_lost}, reconcile_after=None) as (fake, client):
+        with pytest.raises(kx.TaskTimeoutError):
+            await client.generate(kx.ImageRequest("lost forever"), timeout=0.3)
+        outcomes = await client.generate_many(["lost too"], timeout=0.2)
+        stats = client.stats
+
+    assert isinstance(outcomes[0][0], kx.TaskTimeoutError)
+    assert fake.get_calls == 0
+    assert stats.lookups == 0
+    assert stats.overdue_scheduled == 0
+
+
+async def test_a_task_whose_wait_timed_out_is_not_looked_up() -> None:
+    async with wired({"lose_if": is_lost}, reconcile_after=0.3) as (fake, client):
+        with pytest.raises(kx.TaskTimeoutError):
+            await client.generate(kx.ImageRequest("lost and abandoned"), timeout=0.05)
+        # Well past the due time: the sweeper found no waiter and made no GET.
+        await anyio.sleep(0.6)
+        stats = client.stats
+
+    assert fake.get_calls == 0
+    assert stats.lookups == 0
+
+
+async def test_overdue_tasks_respect_reconcile_per_second() -> None:
+    rate = 200.0
+    async with wired(
+        {"lose_if": is_lost, "complete_after": 0.0},
+        reconcile_after=0.01,
+        reconcile_per_second=rate,
+        max_concurrency=64,
+    ) as (fake, client):
+        submissions = []
+
+        async def submit_all(first: int) -> None:
+            for n in range(first, 1250, 8):
+                request = kx.ImageRequest(f"lost {n}", generate_count=8)
+                submissions.append(await client.submit(request))
+
+        async with anyio.create_task_group() as tg:
+            for first in range(8):
+                tg.start_soon(submit_all, first)
+        # 10,000 tasks are overdue now; give the sweeper a while, then close.
+        await anyio.sleep(0.5)
+        stats = client.stats
+
+    times = fake.get_times
+    assert sum(len(s.tasks) for s in submissions) == 10_000
+    assert times, "the sweeper made no lookup at all"
+    span = times[-1] - times[0]
+    # Started at most `rate` per second (a lookup counts at the fake when it arrives, so
+    # allow the few in flight at once), nowhere near the 10,000 that are overdue.
+    assert len(times) <= rate * span + 8
+    assert len(times) < 1000
+    assert stats.resolved_by_lookup == len(times)
+
+
+async def test_lookups_never_block_submits() -> None:
+    async with wired({"lose_if": is_lost}, reconcile_after=0.01, max_concurrency=2) as (
+        fake,
+        client,
+    ):
+        # Every lookup fails with a retryable 500 and backs off, holding all its slots.
+        fake.inject(500, route="get", times=10_000)
+        lost = [await client.submit(kx.ImageRequest(f"lost {n}")) for n in range(20)]
+        await anyio.sleep(0.2)
+        assert fake.get_calls > 0
+        with anyio.fail_after(10):
+            [result] = await client.generate(kx.ImageRequest("kept while lookups fail"))
+        stats = client.stats
+
+    assert result.request.prompt == "kept while lookups fail"
+    assert all(not task.done() for s in lost for task in s.tasks)
+    assert stats.retries > 0
+
+
+async def test_a_lookup_error_is_counted_and_the_task_looked_up_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="keevx_async"):
+        async with wired({"lose_if": is_lost}, reconcile_after=0.05) as (fake, client):
+            fake.inject(404, route="get", times=2)  # not retried: a 4xx is an answer
+            [result] = await client.generate(kx.ImageRequest("lost, then found"), timeout=20)
+            stats = client.stats
+
+    assert result.image_url == image_url(fake, result.task_id)
+    assert fake.get_calls == 3
+    assert stats.lookup_errors == 2
+    assert stats.resolved_by_lookup == 1
+    failures = [r for r in caplog.records if "looking up overdue task" in r.getMessage()]
+    assert len(failures) == 2
+    assert result.task_id in failures[0].getMessage()
+
+
+async def test_a_lookup_honours_the_client_wide_429_pause() -> None:
+    async with wired({"lose_if": is_lost}, reconcile_after=0.05) as (fake, client):
+        fake.inject(429, route="get", retry_after=0.3)
+        [result] = await client.generate(kx.ImageRequest("lost under a 429"), timeout=20)
+        stats = client.stats
+
+    assert result.image_url == image_url(fake, result.task_id)
+    assert stats.rate_limited == 1
+    assert fake.get_calls == 2
+    assert fake.get_times[1] - fake.get_times[0] >= 0.3
+
+
+async def test_the_schedule_forgets_tasks_resolved_by_callback() -> None:
+    # Lookups are due in 300 s, but the 3,000 tasks are resolved by callback at once: the
+    # schedule is compacted as it grows, so it never holds much more than the pending work.
+    async with wired(reconcile_after=300) as (fake, client):
+        await client.generate_many([f"prompt {n}" for n in range(3000)], timeout=20)
+        stats = client.stats
+
+    assert stats.resolved_by_callback == 3000
+    assert 0 < stats.overdue_scheduled < 1024
+    assert fake.get_calls == 0
+
+
+async def test_a_client_not_entered_does_not_look_up(caplog: pytest.LogCaptureFixture) -> None:
+    async with FakeKeevx(lose_if=is_lost) as fake, fake.http_client() as http:
+        client = kx.AsyncKeevx(
+            api_key="k",
+            base_url=fake.base_url,
+            http_client=http,
+            callback_url="https://app.example.test/cb",
+            reconcile_after=0.01,
+        )
+        with caplog.at_level(logging.WARNING, logger="keevx_async"):
+            await client.submit(kx.ImageRequest("lost 1"))
+            await client.submit(kx.ImageRequest("lost 2"))
+        await anyio.sleep(0.1)
+        await client.aclose()
+
+    assert fake.get_calls == 0
+    notes = [r for r in caplog.records if "not entered" in r.getMessage()]
+    assert len(notes) == 1
+
+
+async def test_a_task_nobody_holds_is_not_looked_up() -> None:
+    async with wired({"lose_if": is_lost}, reconcile_after=0.01) as (fake, client):
+        await client.submit(kx.ImageRequest("lost and dropped"))  # the Submission is dropped
+        await anyio.sleep(0.2)
+        stats = client.stats
+
+    assert fake.get_calls == 0
+    assert stats.pending == 0
+
+
+async def test_entering_twice_or_after_close_is_refused() -> None:
+    async with FakeKeevx() as fake, fake.client() as client:
+        with pytest.raises(RuntimeError, match="already entered"):
+            await client.__aenter__()
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.__aenter__()
+
+
+async def test_leaving_the_client_stops_lookups_in_flight() -> None:
+    async with FakeKeevx(lose_if=is_lost, latency=0.0) as fake:
+        # A hang guard, not a timing check: a lookup at the server takes 5 s from here on.
+        with anyio.fail_after(4):
+            async with fake.client(reconcile_after=0.01) as client:
+                submission = await client.submit(kx.ImageRequest("lost while closing"))
+                fake.latency = 5.0
+                while fake.get_calls == 0:  # noqa: ASYNC110 - the fake has no event for it
+                    await anyio.sleep(0.01)
+        # Leaving the block cancelled the hanging lookup instead of waiting for it.
+        assert client.stats.lookups == 0
+        assert not submission.tasks[0].done()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("reconcile_per_second", 0), ("reconcile_per_second", -1.0), ("reconcile_after", 0)],
+)
+def test_reconcile_options_are_validated(option: str, value: float) -> None:
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ValueError, match=option):
+        kx.AsyncKeevx(api_key="k", **options)
+
+
+async def test_an_unexpected_lookup_error_never_stops_the_sweeper(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pending = {"a", "b"}
+    calls: list[str] = []
+
+    async def lookup(task_id: str) -> None:
+        calls.append(task_id)
+        if task_id == "a":
+            raise ZeroDivisionError("boom")
+        pending.discard(task_id)
+
+    reconciler = Reconciler(
+        lookup=lookup,
+        is_pending=pending.__contains__,
+        pending_count=lambda: len(pending),
+        after=0.01,
+        per_second=None,
+    )
+    reconciler.schedule(["a"], has_callback=True)  # not running yet: ignored
+    assert reconciler.scheduled == 0
+    with caplog.at_level(logging.ERROR, logger="keevx_async"):
+        async with anyio.create_task_group() as tg:
+            await tg.start(reconciler.run)
+            reconciler.schedule(["a", "b"], has_callback=True)
+            with anyio.fail_after(5):
+                while calls.count("a") < 2:  # noqa: ASYNC110 - polled test observation
+                    await anyio.sleep(0.005)
+            tg.cancel_scope.cancel()
+
+    assert "b" not in pending
+    assert calls.count("b") == 1
+    assert reconciler.lookup_errors >= 2
+    assert not reconciler.running
+    assert reconciler.scheduled == 0
+    assert any("unexpectedly" in r.getMessage() for r in caplog.records)
