@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop to run on"
     )
+    demo.add_argument(
+        "--no-callbacks",
+        dest="callbacks",
+        action="store_false",
+        help="run with no callback URL (as a script with no public address): every result "
+        "comes from status lookups",
+    )
     return parser
 
 
@@ -61,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     demo = functools.partial(
-        run_demo, requests=args.requests, seed=args.seed, concurrency=args.concurrency
+        run_demo,
+        requests=args.requests,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        callbacks=args.callbacks,
     )
     return anyio.run(demo, backend=args.backend)
 

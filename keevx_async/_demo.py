@@ -7,7 +7,10 @@ shows live progress, then every request with the task IDs it was given and each 
 result, so the mapping request -> task IDs -> result can be read off directly.
 
 The run is reproducible per ``seed`` (prompts, image counts, which requests fail), apart
-from timing. One scripted 429 at the start shows the client-wide pause and retry.
+from timing. One scripted 429 at the start shows the client-wide pause and retry, and a few
+callbacks the emulator never sends show the safety net: those tasks are looked up with the
+GET endpoint after ``RECONCILE_AFTER`` seconds. With ``callbacks=False`` (``--no-callbacks``)
+there is no receiver at all, as in a script on a laptop: every result comes by lookup.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ COMPLETE_AFTER: Final = (0.05, 0.6)
 """Seconds the emulated service takes to finish a task, drawn uniformly."""
 RATE_LIMIT_PAUSE: Final = 0.2
 """The scripted 429's Retry-After, in seconds."""
+LOST_RATE: Final = 0.04
+"""The share of callbacks the emulated service never sends (looked up instead)."""
+RECONCILE_AFTER: Final = 1.0
+"""The demo client's ``reconcile_after``: short, so lost callbacks show up in the run."""
+RECONCILE_PER_SECOND: Final = 200.0
+"""The demo client's ``reconcile_per_second``."""
 TASK_TIMEOUT: Final = 15.0
 """The most seconds a task may take after its submit reply before it is reported late."""
 REFRESH_INTERVAL: Final = 0.1
@@ -283,26 +292,45 @@ class _Outcome:
     stats: dict[str, object]
     submit_calls: int
     accepted_submits: int
+    get_calls: int
 
 
 async def _run_batch(
-    batch_input: Sequence[ImageRequest], *, seed: int, concurrency: int, progress: _Progress
+    batch_input: Sequence[ImageRequest],
+    *,
+    seed: int,
+    concurrency: int,
+    progress: _Progress,
+    callbacks: bool,
 ) -> _Outcome:
     """Serve the emulator and the receiver on loopback ports, run the batch, collect."""
     out = progress.out
     reported: list[list[Task]] = [[] for _ in batch_input]
-    fake = FakeKeevx(complete_after=COMPLETE_AFTER, fail_if=_is_flagged, seed=seed)
+    fake = FakeKeevx(
+        complete_after=COMPLETE_AFTER, fail_if=_is_flagged, lost_rate=LOST_RATE, seed=seed
+    )
     receiver_app = _CallbackRoute(CALLBACK_PATH)
     async with fake, fake.serve() as api, serve_asgi(receiver_app) as receiver:
         client = AsyncKeevx(
             api_key="demo-key",
             base_url=api.url,
-            callback_url=receiver.url + CALLBACK_PATH,
+            callback_url=receiver.url + CALLBACK_PATH if callbacks else None,
             max_concurrency=concurrency,
+            reconcile_after=RECONCILE_AFTER,
+            reconcile_per_second=RECONCILE_PER_SECOND,
         )
         async with client:
             receiver_app.target = client
-            out.write(f"service (FakeKeevx) at {api.url}, callbacks to {client.callback_url}\n")
+            if callbacks:
+                out.write(
+                    f"service (FakeKeevx) at {api.url}, callbacks to {client.callback_url}; "
+                    f"it loses {LOST_RATE:.0%} of them, looked up after {RECONCILE_AFTER:g} s\n"
+                )
+            else:
+                out.write(
+                    f"service (FakeKeevx) at {api.url}, no callback URL: every result "
+                    "comes from status lookups (GET)\n"
+                )
             fake.inject(429, retry_after=RATE_LIMIT_PAUSE)
             out.write(
                 "the service will answer the first submit with HTTP 429, "
@@ -329,6 +357,7 @@ async def _run_batch(
                 stats=attrs.asdict(client.stats),
                 submit_calls=fake.submit_calls,
                 accepted_submits=fake.accepted_submits,
+                get_calls=fake.get_calls,
             )
 
 
@@ -344,7 +373,7 @@ def _print_report(out: TextIO, batch_input: Sequence[ImageRequest], outcome: _Ou
     refused = outcome.submit_calls - outcome.accepted_submits
     out.write(
         f"service: {outcome.submit_calls} submit calls, {outcome.accepted_submits} accepted "
-        f"({refused} refused)\n"
+        f"({refused} refused), {outcome.get_calls} status lookups\n"
     )
     fields = ", ".join(f"{name}={value}" for name, value in outcome.stats.items())
     wrapped = textwrap.fill(
@@ -360,6 +389,7 @@ async def run_demo(
     concurrency: int = DEFAULT_CONCURRENCY,
     file: TextIO | None = None,
     live: bool | None = None,
+    callbacks: bool = True,
 ) -> int:
     """Run the demo: a seeded batch against a loopback FakeKeevx; returns the exit code.
 
@@ -371,6 +401,8 @@ async def run_demo(
         concurrency: the client's ``max_concurrency``.
         file: where to write (default ``sys.stdout``).
         live: redraw one status line in place; default: whether ``file`` is a terminal.
+        callbacks: receive callbacks on a loopback port; ``False`` runs with no callback
+            URL, every result coming from status lookups.
 
     Returns:
         0 when every request's fate was reported (failed tasks are part of the show),
@@ -404,7 +436,11 @@ async def run_demo(
     sdk_logger.propagate = False
     try:
         outcome = await _run_batch(
-            batch_input, seed=seed, concurrency=concurrency, progress=progress
+            batch_input,
+            seed=seed,
+            concurrency=concurrency,
+            progress=progress,
+            callbacks=callbacks,
         )
     finally:
         sdk_logger.removeHandler(events)

@@ -79,6 +79,17 @@ def test_demo_command_reports_every_request(backend: str) -> None:
     assert completed.stderr == ""
 
 
+def test_demo_without_callbacks_gets_every_result_by_lookup() -> None:
+    completed = _run_module("demo", "--requests", "10", "--seed", "4", "--no-callbacks")
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    output = completed.stdout
+    _, tasks, succeeded, failed = _summary(output)
+    assert succeeded + failed == tasks
+    assert "no callback URL" in output
+    assert f"resolved_by_callback=0, resolved_by_lookup={tasks}," in output
+    assert _request_numbers(output) == list(range(1, 11))
+
+
 def test_module_without_a_command_prints_help_and_exits_2() -> None:
     completed = _run_module()
     assert completed.returncode == 2
@@ -105,6 +116,9 @@ async def test_run_demo_writes_progress_table_and_summary(live: bool) -> None:
     assert "content moderation rejected the prompt" in output
     assert "retrying POST" in output
     assert "client stats: submitted=12, submit_errors=0" in output
+    # Lost callbacks (the emulator drops a few) were recovered by one lookup each.
+    lookups = int(re.search(r"(\d+) status lookups", output).group(1))  # type: ignore[union-attr]
+    assert f"resolved_by_lookup={lookups}, lookups={lookups}, lookup_errors=0" in output
     # A terminal gets one line redrawn in place; a log gets whole lines.
     assert ("\r\x1b[Kread " in output) is live
     assert ("progress: read 12/12" in output) is not live
