@@ -612,6 +612,26 @@ async def test_lost_callbacks_are_never_sent_but_get_shows_the_result() -> None:
     assert fake.callbacks_sent == 0
 
 
+async def test_lose_if_loses_the_callbacks_of_matching_prompts_only() -> None:
+    recorder = CallbackRecorder()
+    async with (
+        FakeKeevx(complete_after=0, lose_if=lambda prompt: "lose" in prompt) as fake,
+        fake.http_client(headers=AUTH) as http,
+    ):
+        fake.deliver_into(recorder)
+        lost = await task_ids_of(
+            await submit(http, prompt="lose me", generate_count=2, callback_url=CALLBACK_URL)
+        )
+        kept = await task_ids_of(await submit(http, prompt="keep me", callback_url=CALLBACK_URL))
+        await fake.wait_idle()
+        snapshots = [(await http.get(f"{SUBMIT}/{task_id}")).json()["data"] for task_id in lost]
+    assert recorder.task_ids == list(kept)
+    assert [snapshot["status"] for snapshot in snapshots] == ["SUCCEEDED", "SUCCEEDED"]
+    assert [fake.tasks[task_id].lost for task_id in (*lost, *kept)] == [True, True, False]
+    assert len(fake.get_times) == fake.get_calls == 2
+    assert fake.get_times == sorted(fake.get_times)
+
+
 async def test_fail_rate_fails_tasks_with_an_error_message() -> None:
     recorder = CallbackRecorder()
     async with (
