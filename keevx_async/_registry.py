@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from ._task import Task
-from ._types import MAX_GENERATE_COUNT
+from ._types import MAX_GENERATE_COUNT, UNFINISHED_STATUSES
 
 __all__ = ["RegistryCounters", "TaskRegistry"]
 
@@ -58,6 +58,20 @@ class _Early:
     arrived: float
 
 
+def _forgetter(
+    pending: dict[str, weakref.KeyedRef[str, Task]],
+) -> Callable[[weakref.KeyedRef[str, Task]], None]:
+    """The callback dropping a collected task's entry (if it still is that task's)."""
+
+    def forget(ref: weakref.KeyedRef[str, Task]) -> None:
+        # A replaced or removed entry drops its reference, which then never fires: the
+        # check only guards the entry of a successor, should that ever change.
+        if pending.get(ref.key) is ref:  # pragma: no branch
+            del pending[ref.key]
+
+    return forget
+
+
 class TaskRegistry:
     """Maps task IDs to waiting tasks and applies callbacks to them.
 
@@ -82,7 +96,11 @@ class TaskRegistry:
             raise ValueError(f"max_early_callbacks must be >= 0; got {max_early}")
         if early_max_age <= 0:
             raise ValueError(f"early_callback_max_age must be > 0; got {early_max_age}")
-        self._pending: weakref.WeakValueDictionary[str, Task] = weakref.WeakValueDictionary()
+        # task_id -> weak reference to its task: a task nobody holds any more is dropped
+        # by the reference's callback. (A WeakValueDictionary, without its Python-level
+        # method calls on the hot path.)
+        self._pending: dict[str, weakref.KeyedRef[str, Task]] = {}
+        self._forget_collected = _forgetter(self._pending)
         # (task_id, submission_id) -> callback; submission_id None when not verified.
         self._early: OrderedDict[tuple[str, str | None], _Early] = OrderedDict()
         self._early_per_submission: dict[str | None, int] = {}
@@ -90,7 +108,7 @@ class TaskRegistry:
         self._done: OrderedDict[str, str | None] = OrderedDict()
         # submission_id -> its task IDs, for submissions whose reply has registered them: a
         # token of such a submission is good for those tasks only, whatever became of them.
-        self._submissions: OrderedDict[str, frozenset[str]] = OrderedDict()
+        self._submissions: OrderedDict[str, tuple[str | None, ...]] = OrderedDict()
         self._max_early = max_early
         self._early_max_age = early_max_age
         self._remember_done = remember_done
@@ -110,7 +128,8 @@ class TaskRegistry:
 
     def get(self, task_id: str) -> Task | None:
         """The pending task with this ID, if any."""
-        return self._pending.get(task_id)
+        ref = self._pending.get(task_id)
+        return None if ref is None else ref()
 
     # --- registering ------------------------------------------------------------------
 
@@ -120,13 +139,15 @@ class TaskRegistry:
         self._expire_early(now)
         submission_id = tasks[0].submission_id if tasks else None
         if submission_id is not None:
-            self._submissions[submission_id] = frozenset(t.task_id for t in tasks if t.task_id)
+            # A tuple: a submission has at most eight tasks, and a frozenset of one costs
+            # four times as much memory.
+            self._submissions[submission_id] = tuple(t.task_id for t in tasks if t.task_id)
             if len(self._submissions) > self._remember_done:
                 self._submissions.popitem(last=False)
         for task in tasks:
             task_id = task.task_id
             assert task_id is not None  # only submitted tasks are registered
-            self._pending[task_id] = task
+            self._pending[task_id] = weakref.KeyedRef(task, self._forget_collected, task_id)
             early = self._take_early((task_id, submission_id))
             if early is None and submission_id is not None:
                 early = self._take_early((task_id, None))
@@ -154,7 +175,7 @@ class TaskRegistry:
     def abandon(self, task: Task) -> None:
         """Stop tracking an unfinished task nobody will wait for any more."""
         task_id = task.task_id
-        if task_id is not None and self._pending.get(task_id) is task:
+        if task_id is not None and self.get(task_id) is task:
             del self._pending[task_id]
             self._remember(task_id, task.submission_id)
 
@@ -171,16 +192,24 @@ class TaskRegistry:
                 Nothing changed.
         """
         task_id = payload.task_id
-        task = self._pending.get(task_id)
+        ref = self._pending.get(task_id)
+        task = None if ref is None else ref()
         if task is None:
             return self._apply_unknown(payload, submission_id)
         if submission_id is not None and task.submission_id != submission_id:
             self._reject_foreign(task_id)
-        if not payload.done:
+        if payload.status in UNFINISHED_STATUSES:
             task.status = payload.status
             self.counters.progress += 1
             return CallbackOutcome.PROGRESS
-        self._resolve(task, payload)
+        # _resolve and _remember, inline: every callback takes this path.
+        del self._pending[task_id]
+        done = self._done
+        done[task_id] = task.submission_id
+        if len(done) > self._remember_done:
+            done.popitem(last=False)
+        self.counters.resolved += 1
+        task._apply(payload)
         return CallbackOutcome.RESOLVED
 
     def _apply_unknown(
@@ -247,9 +276,9 @@ class TaskRegistry:
         )
 
     def _resolve(self, task: Task, payload: CallbackPayload) -> None:
+        """Finish a pending task (callers have just found it in ``_pending``)."""
         task_id = payload.task_id
-        if self._pending.get(task_id) is task:
-            del self._pending[task_id]
+        del self._pending[task_id]
         self._remember(task_id, task.submission_id)
         self.counters.resolved += 1
         task._apply(payload)

@@ -371,6 +371,43 @@ def test_pending_entry_vanishes_when_the_task_is_garbage_collected() -> None:
     assert registry.get("t9") is None
 
 
+def test_collecting_a_replaced_task_leaves_its_successor_pending() -> None:
+    registry, _ = _registry()
+    first = Task("t1", REQUEST, 0, submission_id="s1")
+    registry.register([first])
+    second = Task("t1", REQUEST, 0, submission_id="s2")
+    registry.register([second])
+    del first
+    gc.collect()
+    # Collecting the first task must not take the second's entry with it.
+    assert registry.get("t1") is second
+    assert registry.apply(_succeeded("t1"), "s2") is kx.CallbackOutcome.RESOLVED
+    assert second.result().image_url == "https://cdn.test/t1.png"
+
+
+def test_resolved_task_is_not_pending_and_its_id_answers_duplicate() -> None:
+    registry, _ = _registry()
+    task = Task("t1", REQUEST, 0, submission_id="s1")
+    registry.register([task])
+    assert registry.apply(_succeeded("t1"), "s1") is kx.CallbackOutcome.RESOLVED
+    assert registry.pending_count == 0
+    assert registry.get("t1") is None
+    assert registry.apply(_succeeded("t1"), "s1") is kx.CallbackOutcome.DUPLICATE
+    assert registry.counters.resolved == 1
+
+
+def test_abandoned_task_ids_are_remembered_within_the_same_bounded_window() -> None:
+    registry, _ = _registry(remember_done=1)
+    first, second = Task("a", REQUEST, 0), Task("b", REQUEST, 0)
+    registry.register([first])
+    registry.register([second])
+    registry.abandon(first)
+    registry.abandon(second)
+    assert registry.apply(_succeeded("b"), None) is kx.CallbackOutcome.DUPLICATE
+    # "a" fell out of the window: its late callback looks like an early one now.
+    assert registry.apply(_succeeded("a"), None) is kx.CallbackOutcome.BUFFERED
+
+
 def test_finished_task_ids_are_remembered_within_a_bounded_window() -> None:
     registry, _ = _registry(remember_done=2)
     for n in (1, 2, 3):

@@ -208,3 +208,135 @@ def test_no_token_anywhere_gives_none(path: str) -> None:
 
 def test_token_from_an_unparseable_url_is_none() -> None:
     assert token_from_url("https://[::1/cb") is None
+
+
+# --- the fast read of a URL agrees with the full parse ---------------------------------------
+
+
+def _parsed_token(url: str) -> str | None:
+    """What token_from_url answered before it had a fast path: the full parse, always."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    return token_from_target(parts.path, parts.query)
+
+
+# Pieces that make the fast path's guard matter: other parameters named like ours, percent
+# escapes, fragments, brackets, control and non-ASCII characters, a token in the path.
+_URL_PIECES = st.sampled_from(
+    [
+        "https://app.test",
+        "https://[::1]",
+        "https://[::1",
+        "/cb",
+        "/",
+        "/sid.mac",
+        "?",
+        "&",
+        "#frag",
+        "%5F",
+        "+",
+        "\t",
+        "é",
+        "a=1",
+        f"{TOKEN_PARAM}=",
+        f"x{TOKEN_PARAM}=",
+        "keevx%5Ftoken=",
+        "sid.mac",
+        "Zm9v-_.bar",
+        " ",
+    ]
+)
+
+
+@settings(max_examples=500)
+@given(st.lists(_URL_PIECES, max_size=8).map("".join))
+def test_token_from_url_agrees_with_the_full_parse(url: str) -> None:
+    assert token_from_url(url) == _parsed_token(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"https://app.test/cb?a=1&{TOKEN_PARAM}=sid.mac",
+        f"https://app.test/cb?{TOKEN_PARAM}=sid.mac",
+        f"https://app.test/cb/a&{TOKEN_PARAM}=sid.mac",  # no query at all: the path's
+        f"https://app.test/cb#x?{TOKEN_PARAM}=sid.mac",  # in the fragment
+        f"https://[::1/cb?{TOKEN_PARAM}=sid.mac",  # unparseable
+        f"https://app.test/cb?{TOKEN_PARAM}=sid.mac&keevx%5Ftoken=other",
+        f"https://app.test/cb?{TOKEN_PARAM}=sid%2Emac",
+        f"https://app.tést/cb?{TOKEN_PARAM}=sid.mac",
+    ],
+)
+def test_token_from_url_reads_odd_urls_like_the_full_parse(url: str) -> None:
+    assert token_from_url(url) == _parsed_token(url)
+
+
+# --- the cache of verified MACs ----------------------------------------------------------------
+
+
+def test_token_of_another_process_verifies_once_then_from_the_cache() -> None:
+    sid, token = CallbackSigner("shared").issue()
+    receiver = CallbackSigner("shared")
+    assert sid not in receiver._macs
+    assert receiver.verify(token) == sid
+    assert sid in receiver._macs
+    assert receiver.verify(token) == sid
+
+
+def test_cached_submission_with_a_wrong_mac_is_refused() -> None:
+    signer = CallbackSigner("s3cret")
+    sid, token = signer.issue()
+    assert sid in signer._macs
+    forged = f"{sid}.{'A' * 22}"
+    assert forged != token
+    assert signer.verify(forged) is None
+    # A forgery does not displace the real MAC.
+    assert signer.verify(token) == sid
+
+
+def test_cache_never_lends_a_submission_id_to_another_token() -> None:
+    signer = CallbackSigner("s3cret")
+    sid_a, token_a = signer.issue()
+    sid_b, token_b = signer.issue()
+    mac_a = token_a.partition(".")[2]
+    # Submission B's ID with submission A's (cached, valid) MAC is no token at all.
+    assert signer.verify(f"{sid_b}.{mac_a}") is None
+    assert signer.verify(token_a) == sid_a
+    assert signer.verify(token_b) == sid_b
+
+
+def test_cache_holds_at_most_cache_size_submissions_oldest_out_first() -> None:
+    signer = CallbackSigner("s3cret", cache_size=2)
+    issued = [signer.issue() for _ in range(5)]
+    assert list(signer._macs) == [issued[3][0], issued[4][0]]
+    # Evicted or not, every token still verifies (the evicted ones by HMAC).
+    for sid, token in issued:
+        assert signer.verify(token) == sid
+        assert len(signer._macs) <= 2
+
+
+def test_cache_can_be_turned_off() -> None:
+    signer = CallbackSigner("s3cret", cache_size=0)
+    sid, token = signer.issue()
+    assert signer.verify(token) == sid
+    assert not signer._macs
+
+
+def test_negative_cache_size_is_refused() -> None:
+    with pytest.raises(ValueError, match="cache_size"):
+        CallbackSigner("s3cret", cache_size=-1)
+
+
+def test_rotated_out_secret_is_not_served_from_the_cache_of_another_signer() -> None:
+    old_sid, old_token = CallbackSigner("old").issue()
+    rotated = CallbackSigner(["new", "old"])
+    assert rotated.verify(old_token) == old_sid
+    assert CallbackSigner(["new"]).verify(old_token) is None
+
+
+@pytest.mark.parametrize("secret", [[b"ok", 4.5], ["ok", None]])
+def test_secret_of_another_type_is_a_type_error(secret: object) -> None:
+    with pytest.raises(TypeError, match="str or bytes"):
+        CallbackSigner(secret)  # type: ignore[arg-type]

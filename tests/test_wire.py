@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -11,16 +14,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import keevx_async as kx
+from keevx_async._models import CallbackPayload
 from keevx_async._types import IMAGE_QUALITIES, IMAGE_RATIOS, MODULES
 from keevx_async._wire import (
     Envelope,
     WireFormatError,
+    _decode_callback,
+    _decode_callback_fast,
     decode_callback,
     decode_envelope,
     decode_request,
     decode_snapshot,
     decode_task_ids,
     encode_request,
+    load_json,
 )
 
 # --- strategies ----------------------------------------------------------------------------
@@ -489,3 +496,228 @@ def test_deeply_nested_json_is_a_wire_format_error() -> None:
     body = b'{"data":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(WireFormatError, match="nested too deeply"):
         decode_callback(body)
+
+
+# --- the fast callback path reads exactly like the converter ------------------------------------
+
+# Bodies near and beyond the edge of the fast path: odd types where it takes strings, empty
+# strings, nulls, mappings that are not dicts.
+_ODD = st.one_of(_JSON, st.just(""), st.just("SUCCEEDED"), st.just("GENERATING"))
+
+
+@st.composite
+def near_callbacks(draw: st.DrawFn) -> object:
+    """A callback body, valid or not: each field either valid or odd."""
+    body = draw(callbacks())
+    data = body["data"]
+    for key in ("task_id", "status", "image_url", "error_message"):
+        if draw(st.integers(0, 3)) == 0:
+            if draw(st.booleans()):
+                data[key] = draw(_ODD)
+            else:
+                data.pop(key, None)
+    for key in ("code", "msg", "task_type"):
+        if draw(st.integers(0, 3)) == 0:
+            body[key] = draw(_ODD)
+    shape = draw(st.integers(0, 9))
+    if shape == 0:
+        body["data"] = draw(_JSON)
+    elif shape == 1:
+        body["data"] = MappingProxyType(data)
+    elif shape == 2:
+        return MappingProxyType(body)
+    elif shape == 3:
+        return draw(_JSON)
+    return body
+
+
+def _outcome(body: object) -> tuple[str, object]:
+    try:
+        payload = _decode_callback(body)
+    except WireFormatError as exc:
+        return "error", (str(exc), exc.field)
+    return "payload", (payload, dict(payload.raw))
+
+
+@settings(max_examples=400, deadline=None)
+@given(near_callbacks())
+def test_fast_callback_path_agrees_with_the_converter(body: Any) -> None:
+    fast = _decode_callback_fast(body, owned=False)
+    if fast is not None:
+        assert _outcome(body) == ("payload", (fast, dict(fast.raw)))
+        assert fast.code == _decode_callback(body).code
+    if not isinstance(body, Mapping):
+        # decode_callback would parse it as JSON text; here it is already parsed.
+        assert fast is None
+        assert _outcome(body)[0] == "error"
+        return
+    # Whichever path decode_callback takes, it answers as the converter does.
+    try:
+        answer: tuple[str, object] = ("payload", decode_callback(body))
+    except WireFormatError as exc:
+        answer = ("error", (str(exc), exc.field))
+    expected = _outcome(body)
+    if answer[0] == "payload":
+        assert isinstance(answer[1], CallbackPayload)
+        answer = ("payload", (answer[1], dict(answer[1].raw)))
+    assert answer == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(callbacks())
+def test_fast_path_takes_every_plain_valid_callback(body: dict[str, Any]) -> None:
+    assert _decode_callback_fast(json.loads(json.dumps(body)), owned=True) is not None
+
+
+def test_fast_path_leaves_a_succeeded_callback_with_a_null_image_url_to_the_converter() -> None:
+    body = _valid_callback(image_url=None)
+    assert _decode_callback_fast(body, owned=False) is None
+    with pytest.raises(WireFormatError) as caught:
+        decode_callback(body)
+    assert caught.value.field == "data.image_url"
+
+
+def test_raw_of_a_parsed_body_is_read_only_without_a_copy_of_a_callers_mapping() -> None:
+    data = {"task_id": "t", "status": "FAILED", "x": [1]}
+    payload = decode_callback({"data": data})
+    data["x"] = "changed"  # the caller's dict: the payload kept its own copy
+    assert payload.raw["x"] == [1]
+    parsed = decode_callback(json.dumps({"data": data}).encode())
+    with pytest.raises(TypeError):
+        parsed.raw["x"] = 1  # type: ignore[index]
+
+
+# --- orjson, when installed, changes speed only ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"a": NaN, "b": Infinity}',  # orjson refuses, json reads
+        b'{"big": 123456789012345678901234567890}',  # orjson would read a float
+        b'{"big": -9223372036854775809, "ok": 9223372036854775807}',
+        b'{"big": 18446744073709551616}',
+        b"[0.12345678901234567890123, 1e-999]",
+        '{"text": "\\ud800"}',  # a lone surrogate
+        b'\xef\xbb\xbf{"bom": 1}',
+        '{"a": 1}'.encode("utf-16"),
+        b'{"a": 1.5e999}',
+    ],
+)
+def test_load_json_reads_what_the_json_module_reads(body: bytes | str) -> None:
+    try:
+        expected: object = ("ok", json.loads(body))
+    except ValueError as exc:
+        expected = ("error", f"thing is not valid JSON: {exc}")
+    try:
+        got: object = ("ok", load_json(body, "thing"))
+    except WireFormatError as exc:
+        got = ("error", str(exc))
+    assert repr(got) == repr(expected)
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[1,]", b'{"a": 1} x', b"\xff"])
+def test_load_json_errors_are_the_json_modules(body: bytes) -> None:
+    with pytest.raises(ValueError, match=r".") as stdlib:
+        json.loads(body)
+    with pytest.raises(WireFormatError) as ours:
+        load_json(body, "thing")
+    assert str(ours.value) == f"thing is not valid JSON: {stdlib.value}"
+
+
+_STDLIB_ONLY = """
+import json, sys
+sys.modules["orjson"] = None  # as if it were not installed
+from keevx_async import _wire
+assert _wire._fast_loads is None
+body = {"code": 0, "task_type": "image_generate",
+        "data": {"task_id": "t-1", "status": "SUCCEEDED", "image_url": "https://x.test/1.png"}}
+payload = _wire.decode_callback(json.dumps(body).encode())
+assert (payload.task_id, payload.image_url) == ("t-1", "https://x.test/1.png"), payload
+try:
+    _wire.decode_callback(b"{")
+except _wire.WireFormatError as exc:
+    assert "callback body is not valid JSON" in str(exc)
+else:
+    raise AssertionError("no error")
+print("stdlib ok")
+"""
+
+
+def test_without_orjson_the_json_module_does_the_reading() -> None:
+    done = subprocess.run(  # noqa: S603 (our own interpreter, our own code)
+        [sys.executable, "-c", _STDLIB_ONLY], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "stdlib ok"
+
+
+_NUMBERS_AND_MORE = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(),
+        st.text(max_size=8),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NUMBERS_AND_MORE, st.booleans())
+def test_load_json_reads_any_document_exactly_as_the_json_module(
+    value: object, ascii_only: bool
+) -> None:
+    body = json.dumps(value, ensure_ascii=ascii_only).encode()
+    # repr tells 1 from 1.0, -0.0 from 0.0 and a float from a long integer.
+    assert repr(load_json(body, "thing")) == repr(json.loads(body))
+
+
+@settings(max_examples=400, deadline=None)
+@given(near_callbacks())
+def test_callback_bytes_decode_as_the_json_module_and_converter_read_them(body: Any) -> None:
+    if isinstance(body, MappingProxyType) or (
+        isinstance(body, dict) and isinstance(body.get("data"), MappingProxyType)
+    ):
+        return  # not JSON: covered as mappings above
+    raw = json.dumps(body).encode()
+    try:
+        answer: tuple[str, object] = ("payload", decode_callback(raw))
+    except WireFormatError as exc:
+        answer = ("error", (str(exc), exc.field))
+    if answer[0] == "payload":
+        assert isinstance(answer[1], CallbackPayload)
+        answer = ("payload", (answer[1], dict(answer[1].raw)))
+    assert repr(answer) == repr(_outcome(json.loads(raw)))
+
+
+@pytest.mark.parametrize(
+    ("code", "extra"),
+    [(2**70, None), (-(2**63) - 1, None), (0, 2**64), (0, 1.5), (0, [2**65])],
+)
+def test_plain_callback_with_long_integers_keeps_them_exact(code: int, extra: object) -> None:
+    body = _valid_callback()
+    body["code"] = code
+    if extra is not None:
+        body["data"]["big"] = extra
+    payload = decode_callback(json.dumps(body).encode())
+    assert payload.code == code
+    assert type(payload.code) is int
+    if extra is not None:
+        assert repr(payload.raw["big"]) == repr(extra)
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [("data", "image_url"), ("data", "error_message"), ("top", "task_type"), ("top", "msg")],
+)
+def test_plain_shaped_callback_with_a_null_field_reads_as_ever(where: str, key: str) -> None:
+    body = _valid_callback(status="FAILED", image_url="")
+    (body["data"] if where == "data" else body)[key] = None
+    raw = json.dumps(body).encode()
+    assert decode_callback(raw) == _decode_callback(json.loads(raw))
