@@ -38,7 +38,7 @@ from ._models import (
     check_http_url,
 )
 from ._receiver import DEFAULT_MAX_BODY_SIZE, CallbackApp
-from ._reconcile import Reconciler
+from ._reconcile import LOOKUPS_IN_FLIGHT, Reconciler
 from ._registry import (
     DEFAULT_EARLY_MAX_AGE,
     DEFAULT_MAX_EARLY,
@@ -80,7 +80,7 @@ _NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 # Also never sent, but retrying cannot help: a URL or request this machine cannot send.
 _UNSENDABLE: Final = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
 # Headroom in the pool beyond the submit limit, for lookups running beside full fan-out.
-_POOL_HEADROOM: Final = 4
+_POOL_HEADROOM: Final = LOOKUPS_IN_FLIGHT
 
 
 @attrs.frozen
