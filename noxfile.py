@@ -74,10 +74,10 @@ def demo(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Run every ``bench/*.py`` script, passing ``session.posargs`` to each."""
-    scripts = sorted(Path("bench").glob("*.py"))
+    scripts = sorted(p for p in Path("bench").glob("*.py") if not p.name.startswith("_"))
     if not scripts:
         session.log("no benchmarks yet: bench/ has no *.py scripts")
         return
-    session.install(".")
+    session.install(".[bench]")
     for script in scripts:
         session.run("python", str(script), *session.posargs)
