@@ -30,6 +30,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot
+from ._server import CallbackServer
 from ._task import Submission, Task
 from ._version import __version__
 
@@ -42,6 +43,7 @@ __all__ = [
     "CallbackAuthError",
     "CallbackError",
     "CallbackOutcome",
+    "CallbackServer",
     "ClientStats",
     "ImageRequest",
     "ImageResult",

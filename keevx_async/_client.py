@@ -44,6 +44,7 @@ from ._registry import (
     DEFAULT_MAX_EARLY,
     TaskRegistry,
 )
+from ._server import CallbackServer
 from ._task import Submission, Task, wait_all
 from ._throttle import Throttle, backoff_delay, parse_retry_after
 from ._tokens import CallbackSigner, attach_token, token_from_url
@@ -582,6 +583,40 @@ class AsyncKeevx:
             logger.warning("rejected a malformed callback: %s", exc)
             raise CallbackError(str(exc), field=exc.field) from None
         return self._registry.apply(payload, submission_id)
+
+    def serve_callbacks(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8787,
+        *,
+        public_url: str | None = None,
+        shutdown_grace: float = 5.0,
+    ) -> CallbackServer:
+        """Receive callbacks on a real HTTP server of our own, for scripts with no web app.
+
+        Needs the ``keevx-async[server]`` extra. Use it as an async context manager:
+        the server is listening before the block runs, and while the block runs the
+        client asks the service to call back at ``public_url`` (default: the bound
+        address). Leaving the block finishes the callbacks in flight and frees the port.
+
+        ```python
+        async with kx.AsyncKeevx() as client, client.serve_callbacks(port=0) as server:
+            print("callbacks go to", server.url)
+            images = await client.generate(kx.ImageRequest("a lighthouse at dawn"))
+        ```
+
+        Args:
+            host: the address to bind.
+            port: the port to bind; ``0`` picks a free one (see ``server.url``).
+            public_url: the URL the service must call, when it differs from the bound
+                address (a tunnel, a reverse proxy).
+            shutdown_grace: seconds a callback still arriving when the block exits gets
+                to finish; after that it is refused with 503 (and not applied), so the
+                service can deliver it again.
+        """
+        return CallbackServer(
+            self, host=host, port=port, public_url=public_url, shutdown_grace=shutdown_grace
+        )
 
     # --- observing --------------------------------------------------------------------
 
