@@ -1,4 +1,4 @@
-# expect: old token, 'new-secret' only: rejected (CallbackAuthError)
+# expect: new token, ['old-secret', 'new-secret']: buffered
 """Callback tokens: what the service is given, what is refused, and sharing and rotating
 the secret across the workers of one app.
 """
@@ -70,6 +70,13 @@ async def main() -> None:
             forged = url[:-4] + "AAAA"
             print(f"with a forged one: {await outcome(client, body, forged)}")
             print(f"task done: {submission.tasks[0].done()}")
+            # A genuine token is good for its own submission's tasks only.
+            other = await client.submit(kx.ImageRequest("another gate"))
+            await fake.wait_idle()
+            other_body, _ = recorder.callbacks[-1]
+            mixed = await outcome(client, other_body, url)
+            print(f"another submission's task, this token: {mixed}")
+            print(f"that task done: {other.tasks[0].done()}")
         # --8<-- [end:token]
 
         # --8<-- [start:path]
@@ -106,6 +113,17 @@ async def main() -> None:
         async with rotating, rotated:
             print(f"old token, ['new-secret', 'old-secret']: {await outcome(rotating, body, url)}")
             print(f"old token, 'new-secret' only: {await outcome(rotated, body, url)}")
+
+        # In a fleet, some processes get the new list before others. A process still on
+        # ["old-secret"] alone would refuse the tokens that "new-secret" signs, so first
+        # make every process accept the new secret, and only then sign with it.
+        signing = make_client(fake, http, callback_secret=["new-secret", "old-secret"])
+        accepting = make_client(fake, http, callback_secret=["old-secret", "new-secret"])
+        async with signing, accepting:
+            await signing.submit(kx.ImageRequest("a new guard"))  # signed with new-secret
+            await fake.wait_idle()
+            body, url = recorder.callbacks[-1]
+            print(f"new token, ['old-secret', 'new-secret']: {await outcome(accepting, body, url)}")
         # --8<-- [end:rotation]
 
 
