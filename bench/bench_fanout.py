@@ -65,7 +65,6 @@ async def sdk(url: str, count: int, concurrency: int, **options: Any) -> float:
         base_url=url,
         callback_url=CALLBACK_URL,
         max_concurrency=concurrency,
-        reconcile_after=None,
         **options,
     ) as client:
         return await _workers(count, concurrency, lambda: client.submit(REQUEST))

@@ -59,7 +59,6 @@ async def end_to_end(url: str, feed_port: int, tasks: int, concurrency: int) -> 
         base_url=url,
         callback_url=CALLBACK_URL,
         max_concurrency=concurrency,
-        reconcile_after=None,
     ) as client:
 
         async def deliver() -> None:

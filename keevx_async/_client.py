@@ -150,6 +150,18 @@ def _secret_from_env() -> list[str] | None:
     return [part.strip() for part in raw.split(",") if part.strip()] or None
 
 
+def _submit_slots(count: int) -> anyio.Semaphore | anyio.CapacityLimiter:
+    """The client's concurrency limit.
+
+    A semaphore that takes a free slot without a checkpoint (anyio >= 4.7) saves a trip
+    through the event loop per submit; the HTTP request right after is a checkpoint anyway.
+    """
+    try:
+        return anyio.Semaphore(count, fast_acquire=True)
+    except TypeError:  # pragma: no cover - anyio < 4.7 (nox -s tests_lowest)
+        return anyio.CapacityLimiter(count)
+
+
 def _positive_int(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be an int >= 1; got {value!r}")
@@ -260,7 +272,7 @@ class AsyncKeevx:
         self.reconcile_after = reconcile_after
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._throttle = Throttle(max_per_second)
-        self._limiter = anyio.CapacityLimiter(self.max_concurrency)
+        self._limiter = _submit_slots(self.max_concurrency)
         self._signer = CallbackSigner(
             callback_secret if callback_secret is not None else _secret_from_env()
         )

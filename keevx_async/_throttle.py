@@ -76,6 +76,8 @@ class Throttle:
     @property
     def paused_for(self) -> float:
         """Seconds left of the current pause (0 when not paused)."""
+        if self._paused_until == -math.inf:
+            return 0.0  # never paused, or the pause is over: no clock read on the hot path
         return max(0.0, self._paused_until - anyio.current_time())
 
     def pause(self, seconds: float, reason: str) -> None:
@@ -105,6 +107,9 @@ class Throttle:
                     return
 
     async def _wait_unpaused(self) -> None:
+        if self._paused_until == -math.inf:
+            return
         # A deadline that pause() may push back while we sleep: no event to wait for.
         while (wait := self._paused_until - anyio.current_time()) > 0:  # noqa: ASYNC110
             await anyio.sleep(wait)
+        self._paused_until = -math.inf  # over: later attempts need not read the clock

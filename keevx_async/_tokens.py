@@ -144,6 +144,8 @@ def attach_token(url: str, token: str, token_in: CallbackTokenIn) -> str:
 
     The user's own query string is kept as it was.
     """
+    if token_in == "query" and "?" not in url and "#" not in url:
+        return f"{url}?{TOKEN_PARAM}={token}"  # what the full split and join would give
     parts = urlsplit(url)
     if token_in == "path":
         path = parts.path.rstrip("/") + "/" + token

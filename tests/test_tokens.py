@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from hypothesis import given, settings
@@ -340,3 +340,22 @@ def test_rotated_out_secret_is_not_served_from_the_cache_of_another_signer() -> 
 def test_secret_of_another_type_is_a_type_error(secret: object) -> None:
     with pytest.raises(TypeError, match="str or bytes"):
         CallbackSigner(secret)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://app.example.test/keevx/callback",
+        "https://app.example.test",
+        "https://app.example.test/",
+        "http://127.0.0.1:8080/cb/",
+        "https://app.example.test/callback?tenant=7",
+        "https://app.example.test/callback#frag",
+        "https://[::1]:8443/cb",
+    ],
+)
+def test_attach_token_in_query_matches_the_full_split_and_join(url: str) -> None:
+    parts = urlsplit(url)
+    query = f"{parts.query}&keevx_token=sid.mac" if parts.query else "keevx_token=sid.mac"
+    assert attach_token(url, "sid.mac", "query") == urlunsplit(parts._replace(query=query))
+    assert token_from_url(attach_token(url, "sid.mac", "query")) == "sid.mac"
