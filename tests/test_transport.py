@@ -8,7 +8,10 @@ there is no trio half to skip. Everything else runs on both backends.
 from __future__ import annotations
 
 import gc
+import logging
 import socket
+import ssl
+import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,8 @@ from keevx_async._transport import (
     FanoutTransport,
     ShardedTransport,
     _httpx_error,
+    _ssl_context,
+    aiohttp_usable,
 )
 from keevx_async.testing import FakeKeevx, serve_asgi
 
@@ -348,3 +353,88 @@ async def test_client_auth_takes_httpx_full_path(
     ):
         await http.request("POST", server.url, content=b"{}", timeout=httpx.Timeout(5))
     assert app.requests[0][2]["authorization"].startswith("Basic ")
+
+
+@EACH_TRANSPORT
+async def test_framing_headers_set_by_the_caller_take_httpx_full_path(
+    make_transport: Callable[[], httpx.AsyncBaseTransport],
+) -> None:
+    app = ScriptedApp(ok_reply("i2is-1"))
+    timeout = httpx.Timeout(5)
+    async with serve_asgi(app) as server, fanout_client(make_transport()) as http:
+        url = server.url + SUBMIT
+        framed = await http.request(
+            "POST", url, content=b"{}", headers={"Content-Length": "2"}, timeout=timeout
+        )
+        empty_post = await http.request("POST", url, timeout=timeout)
+        plain_get = await http.request("GET", url, timeout=timeout)
+    assert [r.status_code for r in (framed, empty_post, plain_get)] == [200, 200, 200]
+    assert [(r[0], r[3]) for r in app.requests] == [("POST", b"{}"), ("POST", b""), ("GET", b"")]
+    assert app.requests[0][2]["content-length"] == "2"
+    assert app.requests[1][2]["content-length"] == "0"  # what httpx sends for a bodiless POST
+    assert "content-length" not in app.requests[2][2]
+
+
+@EACH_TRANSPORT
+async def test_a_closed_client_refuses_requests(
+    make_transport: Callable[[], httpx.AsyncBaseTransport],
+) -> None:
+    async with fanout_client(make_transport()) as http:
+        pass
+    with pytest.raises(RuntimeError, match="closed"):
+        await http.request("GET", "http://127.0.0.1:1/", timeout=httpx.Timeout(1))
+
+
+@EACH_TRANSPORT
+async def test_compressed_replies_are_decoded_and_requests_logged(
+    make_transport: Callable[[], httpx.AsyncBaseTransport], caplog: pytest.LogCaptureFixture
+) -> None:
+    import gzip  # noqa: PLC0415 - this test only
+
+    body = gzip.compress(b'{"code":0,"msg":"ok","data":{"task_ids":["i2is-9"]}}')
+    app = ScriptedApp((200, body, {"Content-Encoding": "gzip"}))
+    with caplog.at_level(logging.INFO, logger="httpx"):
+        async with serve_asgi(app) as server, fanout_client(make_transport()) as http:
+            response = await http.request(
+                "POST", server.url + SUBMIT, content=b"{}", timeout=httpx.Timeout(5)
+            )
+    assert response.json()["data"]["task_ids"] == ["i2is-9"]
+    assert response.elapsed.total_seconds() >= 0
+    assert any("HTTP Request: POST" in r.getMessage() for r in caplog.records)
+
+
+@EACH_TRANSPORT
+async def test_event_hooks_take_httpx_full_path(
+    make_transport: Callable[[], httpx.AsyncBaseTransport],
+) -> None:
+    seen: list[str] = []
+
+    async def hook(request: httpx.Request) -> None:
+        seen.append(request.method)
+
+    app = ScriptedApp(ok_reply("i2is-1"))
+    async with (
+        serve_asgi(app) as server,
+        fanout_client(make_transport(), event_hooks={"request": [hook]}) as http,
+    ):
+        await http.request("POST", server.url, content=b"{}", timeout=httpx.Timeout(5))
+    assert seen == ["POST"]
+
+
+def test_aiohttp_is_not_used_when_it_cannot_be_imported(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert aiohttp_usable()
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # what a missing extra looks like
+    assert not aiohttp_usable()
+
+
+def test_a_given_ssl_context_is_used_as_is() -> None:
+    context = ssl.create_default_context()
+    assert _ssl_context(context) is context
+
+
+@ASYNCIO_ONLY
+async def test_a_closed_aiohttp_transport_refuses_requests() -> None:
+    transport = AiohttpTransport(limits=LIMITS)
+    await transport.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await transport.handle_async_request(httpx.Request("GET", "http://127.0.0.1:1/"))
