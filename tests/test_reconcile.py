@@ -14,7 +14,7 @@ import pytest
 from wiring import callback_body, wired
 
 import keevx_async as kx
-from keevx_async._reconcile import RECHECK_BASE, Reconciler
+from keevx_async._reconcile import LOOKUPS_IN_FLIGHT, RECHECK_BASE, Reconciler
 from keevx_async.testing import FakeKeevx
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ async def test_a_task_still_running_is_looked_up_again_at_doubling_intervals() -
         stats = client.stats
 
     assert result.image_url == image_url(fake, result.task_id)
-    assert 3 <= fake.get_calls <= 6
+    assert 2 <= fake.get_calls <= 6
     assert stats.lookups == fake.get_calls
     assert stats.resolved_by_lookup == 1
 
@@ -208,7 +208,9 @@ async def test_overdue_tasks_respect_reconcile_per_second() -> None:
     # allow the few in flight at once), nowhere near the 10,000 that are overdue.
     assert len(times) <= rate * span + 8
     assert len(times) < 1000
-    assert stats.resolved_by_lookup == len(times)
+    # Each GET the fake answered resolved its task, but for those still in flight when the
+    # stats were read.
+    assert len(times) - LOOKUPS_IN_FLIGHT <= stats.resolved_by_lookup <= len(times)
 
 
 async def test_lookups_never_block_submits() -> None:
