@@ -91,7 +91,6 @@ class Reconciler:
         self._sequence = itertools.count()
         self._wakeup: anyio.Event | None = None
         self.running = False
-        self.lookups_started = 0
         self.lookup_errors = 0
 
     @property
@@ -161,7 +160,6 @@ class Reconciler:
             self._wakeup = None
 
     async def _look_up(self, task_id: str, lookups: int) -> None:
-        self.lookups_started += 1
         try:
             await self._lookup(task_id)
         except KeevxError as exc:
