@@ -15,7 +15,6 @@ there is no receiver at all, as in a script on a laptop: every result comes by l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import sys
@@ -30,6 +29,7 @@ from ._client import AsyncKeevx
 from ._exceptions import TaskFailedError
 from ._models import ImageRequest
 from ._task import Task
+from ._transport import running_on_asyncio
 from .testing import FakeKeevx, serve_asgi
 
 if TYPE_CHECKING:
@@ -275,14 +275,6 @@ def _verdict(out: TextIO, requests: Sequence[ImageRequest], reported: Sequence[l
     return 0
 
 
-def _backend_name() -> str:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return "trio"
-    return "asyncio"
-
-
 @attrs.define
 class _Outcome:
     """What a run produced, for the report."""
@@ -416,9 +408,10 @@ async def run_demo(
     out = sys.stdout if file is None else file
     batch_input = build_requests(requests, seed)
     total_tasks = sum(request.generate_count for request in batch_input)
+    backend = "asyncio" if running_on_asyncio() else "trio"
     out.write(
         f"keevx_async demo: {requests} requests ({total_tasks} images), "
-        f"concurrency {concurrency}, seed {seed}, on {_backend_name()}\n"
+        f"concurrency {concurrency}, seed {seed}, on {backend}\n"
     )
     progress = _Progress(
         out=out,

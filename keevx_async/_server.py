@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import anyio
 
 from ._models import check_http_url
+from ._transport import running_on_asyncio
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -165,14 +166,6 @@ async def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _running_on_trio() -> bool:
-    try:
-        import sniffio  # noqa: PLC0415
-    except ImportError:  # trio depends on sniffio: without it, this is asyncio
-        return False
-    return sniffio.current_async_library() == "trio"
-
-
 def _missing_extra(server: str, backend: str, exc: ImportError) -> ImportError:
     error = ImportError(
         f"client.serve_callbacks() runs {server} under {backend}, and {server} is not "
@@ -185,7 +178,7 @@ def _missing_extra(server: str, backend: str, exc: ImportError) -> ImportError:
 
 def _pick_server() -> tuple[str, ServeFunction]:
     """The ASGI server for the running event loop, and the function that runs it."""
-    if _running_on_trio():
+    if not running_on_asyncio():
         try:
             # Imported now so that a missing extra fails before anything is bound.
             import hypercorn.trio.run  # noqa: PLC0415, F401

@@ -43,6 +43,7 @@ __all__ = [
     "FanoutTransport",
     "ShardedTransport",
     "aiohttp_usable",
+    "running_on_asyncio",
 ]
 
 _httpx_logger = logging.getLogger("httpx")
@@ -69,7 +70,8 @@ def aiohttp_usable() -> bool:
     return hasattr(aiohttp, "ConnectionTimeoutError")
 
 
-def _running_on_asyncio() -> bool:
+def running_on_asyncio() -> bool:
+    """Whether the calling task runs on asyncio (else on trio: the two backends we serve)."""
     # Not sniffio: it is not among our dependencies. Under trio no asyncio loop runs here,
     # and under trio's guest mode on an asyncio loop the current task is not an asyncio task.
     try:
@@ -326,7 +328,7 @@ class FanoutTransport(httpx.AsyncBaseTransport):
         return self._chosen
 
     def _choose(self) -> httpx.AsyncBaseTransport:
-        if self._prefer_aiohttp and _running_on_asyncio() and aiohttp_usable():
+        if self._prefer_aiohttp and running_on_asyncio() and aiohttp_usable():
             return AiohttpTransport(limits=self._limits, verify=self._verify)
         return ShardedTransport(limits=self._limits, verify=self._verify)
 

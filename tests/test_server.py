@@ -396,8 +396,8 @@ async def test_a_server_that_fails_to_start_leaves_nothing_behind(
             assert (await http.get(server.url)).status_code == 405
 
 
-# sniffio is what tells trio from asyncio, and trio depends on it: without sniffio the loop
-# can only be asyncio. The case exists on asyncio alone, hence one parametrisation.
+# The backend is told without sniffio (trio depends on it, the SDK does not): a missing
+# sniffio changes nothing. The case exists on asyncio alone, hence one parametrisation.
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_without_sniffio_the_loop_is_asyncio(monkeypatch: pytest.MonkeyPatch) -> None:
     async with fake_and_client() as (_, client):
