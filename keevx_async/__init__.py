@@ -23,13 +23,17 @@ from ._exceptions import (
     InvalidRequestError,
     KeevxError,
     RateLimitError,
+    RouterError,
     ServerError,
     TaskFailedError,
     TaskPendingError,
     TaskTimeoutError,
     TransportError,
+    UnknownTaskError,
 )
 from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot
+from ._redis import RedisRouter
+from ._router import CallbackRouter, LocalRouter, RouterHost, TaskRecord
 from ._server import CallbackServer
 from ._task import Submission, Task
 from ._version import __version__
@@ -43,21 +47,28 @@ __all__ = [
     "CallbackAuthError",
     "CallbackError",
     "CallbackOutcome",
+    "CallbackRouter",
     "CallbackServer",
     "ClientStats",
     "ImageRequest",
     "ImageResult",
     "InvalidRequestError",
     "KeevxError",
+    "LocalRouter",
     "RateLimitError",
+    "RedisRouter",
+    "RouterError",
+    "RouterHost",
     "ServerError",
     "Submission",
     "Task",
     "TaskFailedError",
     "TaskPendingError",
+    "TaskRecord",
     "TaskSnapshot",
     "TaskTimeoutError",
     "TransportError",
+    "UnknownTaskError",
     "__version__",
 ]
 

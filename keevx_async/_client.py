@@ -25,8 +25,10 @@ from ._exceptions import (
     CallbackError,
     KeevxError,
     RateLimitError,
+    RouterError,
     ServerError,
     TransportError,
+    UnknownTaskError,
 )
 from ._models import (
     FINISHED_OK,
@@ -44,6 +46,7 @@ from ._registry import (
     DEFAULT_MAX_EARLY,
     TaskRegistry,
 )
+from ._router import CallbackRouter, LocalRouter, decode_record
 from ._server import CallbackServer
 from ._task import Submission, Task, wait_all
 from ._throttle import Throttle, backoff_delay, parse_retry_after
@@ -61,10 +64,10 @@ from ._wire import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Iterable, Mapping
+    from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
     from types import TracebackType
 
-    from anyio.abc import TaskGroup
+    from anyio.abc import TaskGroup, TaskStatus
     from typing_extensions import Self
 
     from ._types import CallbackTokenIn
@@ -107,6 +110,10 @@ class ClientStats:
         callbacks_buffered: early callbacks kept for a task not registered yet.
         callbacks_duplicate: callbacks for a task already finished (no change).
         callbacks_evicted: early callbacks dropped (buffer full or too old).
+        callbacks_forwarded: callbacks for tasks this client does not wait for,
+            recorded by the router for the process that does (or will).
+        router_errors: callbacks refused (503) because the router could not record
+            them.
         pending: tasks registered and not finished now.
         buffered: early callbacks held now.
     """
@@ -126,6 +133,8 @@ class ClientStats:
     callbacks_buffered: int
     callbacks_duplicate: int
     callbacks_evicted: int
+    callbacks_forwarded: int
+    router_errors: int
     pending: int
     buffered: int
 
@@ -141,6 +150,20 @@ class _Counters:
     lookups: int = 0
     callbacks_rejected: int = 0
     callbacks_malformed: int = 0
+    callbacks_forwarded: int = 0
+    router_errors: int = 0
+
+
+class _RouterHost:
+    """What the client lets its router do (see ``RouterHost``)."""
+
+    __slots__ = ("deliver", "pending_tasks")
+
+    def __init__(
+        self, deliver: Callable[[bytes], None], pending_tasks: Callable[[], list[Task]]
+    ) -> None:
+        self.deliver = deliver
+        self.pending_tasks = pending_tasks
 
 
 def _secret_from_env() -> list[str] | None:
@@ -214,6 +237,10 @@ class AsyncKeevx:
         max_early_callbacks: early callbacks kept at most (oldest evicted first).
         early_callback_max_age: seconds an early callback is kept.
         max_callback_body: the largest callback body ``callback_app`` accepts (bytes).
+        router: how callbacks reach the process whose task waits for them; default
+            [`LocalRouter`][keevx_async.LocalRouter] (this process only). With several
+            worker processes behind one callback URL, a
+            [`RedisRouter`][keevx_async.RedisRouter] shared by all of them.
     """
 
     def __init__(
@@ -236,6 +263,7 @@ class AsyncKeevx:
         max_early_callbacks: int = DEFAULT_MAX_EARLY,
         early_callback_max_age: float = DEFAULT_EARLY_MAX_AGE,
         max_callback_body: int = DEFAULT_MAX_BODY_SIZE,
+        router: CallbackRouter | None = None,
     ) -> None:
         api_key = api_key if api_key is not None else os.environ.get("KEEVX_API_KEY")
         if not api_key:
@@ -265,6 +293,14 @@ class AsyncKeevx:
             )
         if max_callback_body < 1:
             raise ValueError(f"max_callback_body must be >= 1; got {max_callback_body!r}")
+        if router is not None and not isinstance(router, CallbackRouter):
+            raise TypeError(
+                f"router must be a CallbackRouter (LocalRouter, RedisRouter); "
+                f"got {type(router).__name__}"
+            )
+        self.router: CallbackRouter = router if router is not None else LocalRouter()
+        """Where callbacks for tasks of other processes go (see ``router=``)."""
+        self._shares = self.router.shares_callbacks
         self.max_retries = max_retries
         self.max_retry_wait = float(max_retry_wait)
         self.verify_callbacks = verify_callbacks
@@ -329,16 +365,30 @@ class AsyncKeevx:
     # --- lifetime ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        """Start the lookup sweeper (see ``reconcile_after``) and return the client."""
+        """Start the lookup sweeper (see ``reconcile_after``) and the router's work,
+        and return the client."""
         self._check_open()
         if self._task_group is not None:
             raise RuntimeError("this AsyncKeevx is already entered: enter it once")
-        if self._reconciler is not None:
+        if self._reconciler is not None or self._shares:
             task_group = anyio.create_task_group()
             await task_group.__aenter__()
             self._task_group = task_group
-            await task_group.start(self._reconciler.run)
+            try:
+                if self._shares:
+                    host = _RouterHost(self._deliver_routed, self._registry.pending_tasks)
+                    await task_group.start(self._run_router, host)
+                if self._reconciler is not None:
+                    await task_group.start(self._reconciler.run)
+            except BaseException:
+                self._task_group = None
+                task_group.cancel_scope.cancel()
+                await task_group.__aexit__(None, None, None)
+                raise
         return self
+
+    async def _run_router(self, host: _RouterHost, *, task_status: TaskStatus[None]) -> None:
+        await self.router.run(host, task_status=task_status)
 
     async def __aexit__(
         self,
@@ -407,6 +457,8 @@ class AsyncKeevx:
             for index, task_id in enumerate(task_ids)
         )
         self._registry.register(tasks)
+        if self._shares:
+            self.router.claim(tasks)
         if self._reconciler is not None:
             if self._reconciler.running:
                 self._reconciler.schedule(task_ids, has_callback=callback_url is not None)
@@ -438,7 +490,7 @@ class AsyncKeevx:
         finally:
             for task in submission.tasks:
                 if not task.done():
-                    self._registry.abandon(task)
+                    self._abandon(task)
 
     def batch(
         self,
@@ -483,7 +535,7 @@ class AsyncKeevx:
         return Batch(
             requests,
             submit=self.submit,
-            abandon=self._registry.abandon,
+            abandon=self._abandon,
             concurrency=limit,
             timeout=timeout,
             max_pending=max_pending,
@@ -542,7 +594,8 @@ class AsyncKeevx:
         self._counters.lookups += 1
         finished = snapshot.done and (snapshot.status != FINISHED_OK or snapshot.image_url)
         # Only a task this client waits for is resolved; others are not buffered.
-        if finished and snapshot.task_id == task_id and self._registry.get(task_id) is not None:
+        task = self._registry.get(task_id) if finished and snapshot.task_id == task_id else None
+        if task is not None:
             payload = CallbackPayload(
                 task_id=snapshot.task_id,
                 status=snapshot.status,
@@ -552,7 +605,64 @@ class AsyncKeevx:
             )
             if self._registry.apply(payload, None) is CallbackOutcome.RESOLVED:
                 self._counters.resolved_by_lookup += 1
+                if self._shares:
+                    self.router.finished(payload, task.submission_id)
         return snapshot
+
+    async def task(self, task_id: str, *, request: ImageRequest | None = None) -> Task:
+        """The [`Task`][keevx_async.Task] with this ID: re-attach to a task by its ID.
+
+        A task this client waits for is returned as it is. Otherwise the router is asked
+        what it knows: with a [`RedisRouter`][keevx_async.RedisRouter], the request that
+        created the task and, if it has finished, its result, so the task may come back
+        done already. Otherwise the task waits here for its callback (routed to this
+        process from now on) or, if none comes, for a lookup (see ``reconcile_after``).
+
+        ```python
+        task = await client.task(task_id)  # in any worker, after any restart
+        image = await task.wait(timeout=60)
+        ```
+
+        Args:
+            task_id: the task ID, as the submit returned it.
+            request: the request to attach the task with when the router has no record
+                of it (always, with the default [`LocalRouter`][keevx_async.LocalRouter]).
+
+        Raises:
+            UnknownTaskError: neither this client, nor the router, nor ``request`` tells
+                the task's request.
+            RouterError: the router's store could not be read.
+        """
+        if not isinstance(task_id, str) or not task_id:
+            raise ValueError(f"task_id must be a non-empty string; got {task_id!r}")
+        if request is not None and not isinstance(request, ImageRequest):
+            raise TypeError(f"request must be an ImageRequest; got {type(request).__name__}")
+        self._check_open()
+        task = self._registry.get(task_id)
+        if task is not None:
+            return task
+        record = await self.router.find(task_id)
+        task = self._registry.get(task_id)  # attached by another caller meanwhile
+        if task is not None:
+            return task
+        known = None if record is None else record.request
+        if known is None and request is None:
+            raise UnknownTaskError(task_id)
+        task = Task(
+            task_id,
+            known or request,  # type: ignore[arg-type] # one of them is set
+            0 if record is None else record.index,
+            submission_id=None if record is None else record.submission_id,
+        )
+        self._registry.attach(task)
+        if record is not None and record.result is not None and not task.done():
+            self._apply_record(record.result)
+        if not task.done():
+            if self._shares:
+                self.router.claim((task,))
+            if self._reconciler is not None and self._reconciler.running:
+                self._reconciler.schedule((task_id,), has_callback=True)
+        return task
 
     # --- callbacks --------------------------------------------------------------------
 
@@ -565,12 +675,21 @@ class AsyncKeevx:
             body: the POST body, as bytes, text or an already parsed mapping.
             url: the full URL the callback was POSTed to (it carries the token).
 
+        Returns:
+            what the callback did; ``FORWARDED`` (or ``BUFFERED``) when the router
+            recorded it for another process.
+
         Raises:
             CallbackAuthError: no valid token for the task (``url`` missing included).
             CallbackError: the body is malformed. In both cases nothing changed.
+            RouterError: the callback is for a task of another process and the router
+                could not record it: answer 503 so that the service delivers it again.
         """
         submission_id = self._authenticate(None if url is None else token_from_url(url))
-        return self._feed_verified(body, submission_id)
+        outcome = self._feed_verified(body, submission_id)
+        if not isinstance(outcome, CallbackOutcome):
+            outcome = await outcome
+        return outcome
 
     def _authenticate(self, token: str | None) -> str | None:
         if not self.verify_callbacks:
@@ -587,14 +706,63 @@ class AsyncKeevx:
 
     def _feed_verified(
         self, body: bytes | str | Mapping[str, Any], submission_id: str | None
-    ) -> CallbackOutcome:
+    ) -> CallbackOutcome | Awaitable[CallbackOutcome]:
+        """Apply a callback whose token was verified; an awaitable when it is routed."""
         try:
             payload = decode_callback(body)
         except WireFormatError as exc:
             self._counters.callbacks_malformed += 1
             logger.warning("rejected a malformed callback: %s", exc)
             raise CallbackError(str(exc), field=exc.field) from None
-        return self._registry.apply(payload, submission_id)
+        if not self._shares:
+            return self._registry.apply(payload, submission_id)
+        task = self._registry.get(payload.task_id)
+        if task is None and payload.done:
+            return self._forward(payload, submission_id)
+        outcome = self._registry.apply(payload, submission_id)
+        if outcome is CallbackOutcome.RESOLVED and task is not None:
+            self.router.finished(payload, task.submission_id)
+        return outcome
+
+    async def _forward(
+        self, payload: CallbackPayload, submission_id: str | None
+    ) -> CallbackOutcome:
+        try:
+            outcome = await self.router.forward(payload, submission_id)
+        except RouterError:
+            self._counters.router_errors += 1
+            raise
+        except CallbackAuthError as exc:
+            self._counters.callbacks_rejected += 1
+            logger.warning("rejected a callback: %s", exc)
+            raise
+        self._counters.callbacks_forwarded += 1
+        return outcome
+
+    def _deliver_routed(self, record: bytes) -> None:
+        """Apply a callback the router brought from another process."""
+        resolved = self._apply_record(record)
+        if resolved is not None:
+            self.router.release(resolved)
+
+    def _apply_record(self, record: bytes) -> str | None:
+        """Apply a routed callback; the ID of the task it resolved, if it did."""
+        try:
+            payload, submission_id = decode_record(record)
+        except WireFormatError as exc:
+            logger.warning("dropped a routed callback that cannot be read: %s", exc)
+            return None
+        try:
+            outcome = self._registry.apply(payload, submission_id)
+        except CallbackAuthError:
+            return None  # logged and counted by the registry
+        return payload.task_id if outcome is CallbackOutcome.RESOLVED else None
+
+    def _abandon(self, task: Task) -> None:
+        """Stop waiting for an unfinished task (its wait timed out or was left)."""
+        self._registry.abandon(task)
+        if self._shares and task.task_id is not None:
+            self.router.release(task.task_id)
 
     def serve_callbacks(
         self,
@@ -654,6 +822,8 @@ class AsyncKeevx:
             callbacks_buffered=counts.buffered,
             callbacks_duplicate=counts.duplicates,
             callbacks_evicted=counts.evicted,
+            callbacks_forwarded=self._counters.callbacks_forwarded,
+            router_errors=self._counters.router_errors,
             pending=registry.pending_count,
             buffered=registry.early_count,
         )

@@ -11,8 +11,10 @@ KeevxError
 ├── TaskFailedError              a task finished with a status other than SUCCEEDED
 ├── TaskTimeoutError             a task did not finish within the wait's timeout
 ├── TaskPendingError             ``Task.result()`` asked of a task that is not done
-└── CallbackError                (also a ValueError) a callback body is malformed
-    └── CallbackAuthError        a callback without a valid token for its task
+├── CallbackError                (also a ValueError) a callback body is malformed
+│   └── CallbackAuthError        a callback without a valid token for its task
+├── RouterError                  (also a ConnectionError) the callback router's store failed
+└── UnknownTaskError             (also a LookupError) ``client.task()`` of a task nobody knows
 ```
 
 Errors raised by ``submit`` carry ``maybe_created``: ``True`` when the service may have
@@ -37,11 +39,13 @@ __all__ = [
     "InvalidRequestError",
     "KeevxError",
     "RateLimitError",
+    "RouterError",
     "ServerError",
     "TaskFailedError",
     "TaskPendingError",
     "TaskTimeoutError",
     "TransportError",
+    "UnknownTaskError",
 ]
 
 
@@ -233,3 +237,27 @@ class CallbackError(KeevxError, ValueError):
 
 class CallbackAuthError(CallbackError):
     """A callback did not carry a valid token for its task. Nothing was changed."""
+
+
+class RouterError(KeevxError, ConnectionError):
+    """The callback router could not reach its store (Redis) to record or read a task.
+
+    A callback that cannot be recorded is refused (``callback_app`` answers 503 with
+    ``Retry-After``) so that the service delivers it again: it is never answered 200 and
+    then lost. Your own callback route should do the same.
+    """
+
+
+class UnknownTaskError(KeevxError, LookupError):
+    """``client.task(task_id)`` of a task that neither this client nor its router knows.
+
+    Pass ``request=`` to attach to it anyway (its result then arrives by callback or by
+    lookup).
+    """
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(
+            f"task {task_id} is not waited for here and the router has no record of it: "
+            "pass request= to attach to it anyway"
+        )

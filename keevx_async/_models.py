@@ -262,12 +262,17 @@ class CallbackOutcome(str, enum.Enum):
     """A waiting task was completed by this callback."""
     BUFFERED = "buffered"
     """The task ID is not known yet (the submit reply has not arrived): the callback is
-    kept and applied when the reply registers the task.
+    kept and applied when the reply registers the task. With a
+    [`RedisRouter`][keevx_async.RedisRouter], it is kept in Redis, for any process.
     """
     DUPLICATE = "duplicate"
     """The task had already finished: nothing changed."""
     PROGRESS = "progress"
     """A non-finished status (``GENERATING``, ...): the task's status was updated."""
+    FORWARDED = "forwarded"
+    """The task is waited for in another process: the callback was recorded by the
+    client's router and that process notified (see
+    [`RedisRouter`][keevx_async.RedisRouter])."""
 
     def __str__(self) -> str:
         return self.value

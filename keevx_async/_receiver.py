@@ -14,13 +14,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
-from ._exceptions import CallbackAuthError, CallbackError
+from ._exceptions import CallbackAuthError, CallbackError, RouterError
+from ._models import CallbackOutcome
 from ._tokens import token_from_target
-
-if TYPE_CHECKING:
-    from ._models import CallbackOutcome
 
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "CallbackApp"]
 
@@ -35,6 +33,8 @@ DEFAULT_MAX_BODY_SIZE: Final = 64 * 1024
 """Default cap on a callback body (a real one is a few hundred bytes)."""
 
 _OK: Final = b'{"code":0,"msg":"ok"}'
+#: Seconds the service is asked to wait before delivering a refused callback again.
+RETRY_AFTER_UNAVAILABLE: Final = 1
 
 
 class _BodyTooLargeError(Exception):
@@ -50,7 +50,8 @@ class CallbackApp:
 
     ``POST`` with a valid body -> 200 ``{"code":0,"msg":"ok"}`` (also for duplicates and
     early callbacks: feeding is idempotent); malformed -> 400; bad or missing token -> 401;
-    body over ``max_body_size`` -> 413; other methods -> 405.
+    body over ``max_body_size`` -> 413; other methods -> 405; a callback the client's
+    router could not record -> 503 with ``Retry-After``, so the service delivers it again.
     """
 
     __slots__ = ("_authenticate", "_feed", "max_body_size")
@@ -59,7 +60,7 @@ class CallbackApp:
         self,
         *,
         authenticate: Callable[[str | None], str | None],
-        feed: Callable[[bytes, str | None], CallbackOutcome],
+        feed: Callable[[bytes, str | None], CallbackOutcome | Awaitable[CallbackOutcome]],
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
     ) -> None:
         self._authenticate = authenticate
@@ -78,6 +79,8 @@ class CallbackApp:
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         if status == 405:
             headers.append((b"allow", b"POST"))
+        elif status == 503:
+            headers.append((b"retry-after", b"%d" % RETRY_AFTER_UNAVAILABLE))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -96,11 +99,15 @@ class CallbackApp:
             logger.warning("rejected a callback body over %d bytes", self.max_body_size)
             return 413, _error_body(413, f"callback body exceeds {self.max_body_size} bytes")
         try:
-            self._feed(body, submission_id)
+            outcome = self._feed(body, submission_id)
+            if not isinstance(outcome, CallbackOutcome):
+                await outcome  # routed to another process: recorded before the 200
         except CallbackAuthError as exc:
             return 401, _error_body(401, str(exc))
         except CallbackError as exc:
             return 400, _error_body(400, str(exc))
+        except RouterError as exc:
+            return 503, _error_body(503, str(exc))
         return 200, _OK
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:

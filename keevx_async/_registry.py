@@ -172,6 +172,27 @@ class TaskRegistry:
             self._early_per_submission.pop(submission_id, None)
         return count
 
+    def attach(self, task: Task) -> None:
+        """Start tracking one task re-attached by ID (``client.task``); apply an early
+        callback kept for it.
+
+        Unlike `register`, it binds nothing about the task's submission: its other
+        tasks may be waited for elsewhere.
+        """
+        task_id = task.task_id
+        assert task_id is not None  # only submitted tasks are attached
+        self._expire_early(self._clock())
+        self._pending[task_id] = weakref.KeyedRef(task, self._forget_collected, task_id)
+        early = self._take_early((task_id, task.submission_id))
+        if early is None and task.submission_id is not None:
+            early = self._take_early((task_id, None))
+        if early is not None:
+            self._resolve(task, early.payload)
+
+    def pending_tasks(self) -> list[Task]:
+        """The tasks registered and not finished (nor collected) now."""
+        return [task for ref in list(self._pending.values()) if (task := ref()) is not None]
+
     def abandon(self, task: Task) -> None:
         """Stop tracking an unfinished task nobody will wait for any more."""
         task_id = task.task_id
