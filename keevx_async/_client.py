@@ -458,7 +458,7 @@ class AsyncKeevx:
         )
         self._registry.register(tasks)
         if self._shares:
-            self.router.claim(tasks)
+            await self.router.claim(tasks)
         if self._reconciler is not None:
             if self._reconciler.running:
                 self._reconciler.schedule(task_ids, has_callback=callback_url is not None)
@@ -659,7 +659,7 @@ class AsyncKeevx:
             self._apply_record(record.result)
         if not task.done():
             if self._shares:
-                self.router.claim((task,))
+                await self.router.claim((task,))
             if self._reconciler is not None and self._reconciler.running:
                 self._reconciler.schedule((task_id,), has_callback=True)
         return task

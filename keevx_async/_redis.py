@@ -6,7 +6,8 @@ Keys, all under the router's ``prefix`` (default ``keevx:``):
   *owners*): ``w:{worker_id}`` per owner, and ``sub`` (the callback token's submission),
   ``req`` (the request, as JSON) and ``i`` (the task's index). TTL ``owner_ttl``,
   refreshed while the task is waited for; ``result_ttl`` once it finished.
-- ``result:{task_id}``: the task's finished callback. TTL ``result_ttl``.
+- ``result:{task_id}``: the task's finished callback. TTL ``result_ttl``, which the
+  task's hash then keeps at least too (so its request outlives its result).
 - ``early:{submission_id}``: the task IDs of callbacks recorded before their submission's
   reply (at most 8, as a submission has at most 8 tasks). TTL ``result_ttl``.
 - channel ``worker:{worker_id}``: one per client, where its routed callbacks arrive.
@@ -91,6 +92,10 @@ if not sub and ARGV[4] ~= '' then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+local ttl = redis.call('TTL', KEYS[2])
+if ttl >= 0 and ttl < tonumber(ARGV[2]) then
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
 local notified = -1
 for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
   if string.sub(field, 1, 2) == 'w:' then
@@ -267,6 +272,9 @@ class RedisRouter(CallbackRouter):
         self._host: RouterHost | None = None
         self._writes: list[tuple[str, Any]] = []
         self._wake_writer: anyio.Event | None = None
+        # Set once the writes queued before it are done (or failed and queued again).
+        self._written: anyio.Event | None = None
+        self._pubsub_redis: Redis | None = None
         self._outage = False
         self._used = False
 
@@ -293,9 +301,13 @@ class RedisRouter(CallbackRouter):
         self._used = True
         self._host = host
         self._wake_writer = anyio.Event()
+        self._written = anyio.Event()
         link = self._link = await _Link.open()
         try:
-            self._redis = await link.call(self._connect)
+            self._redis = await link.call(self._connect, 1)
+            # The channel's own client never retries behind our back: redis-py would
+            # subscribe again silently, and what was published meanwhile would be missed.
+            self._pubsub_redis = await link.call(self._connect, 0)
             deliver = link.notifier(host.deliver)
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(self._write_loop)
@@ -304,14 +316,23 @@ class RedisRouter(CallbackRouter):
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
+                await self._last_writes()
                 self.connected = False
                 self._host = None
-                if self._redis is not None:
-                    with contextlib.suppress(Exception):
-                        await link.call(self._redis.aclose)
+                for redis in (self._redis, self._pubsub_redis):
+                    if redis is not None:
+                        with contextlib.suppress(Exception):
+                            await link.call(redis.aclose)
                 await link.aclose()
 
-    async def _connect(self) -> Redis:
+    async def _last_writes(self) -> None:
+        """Write what is still queued (releases, results), if Redis answers in time."""
+        writes, self._writes = self._writes, []
+        if writes and self.connected and self._link is not None:
+            with anyio.move_on_after(self.timeout), contextlib.suppress(*_redis_errors()):
+                await self._link.call(self._write, writes)
+
+    async def _connect(self, retries: int) -> Redis:
         from redis.asyncio import Redis  # noqa: PLC0415 (the extra is optional)
         from redis.asyncio.retry import Retry  # noqa: PLC0415
         from redis.backoff import ExponentialWithJitterBackoff  # noqa: PLC0415
@@ -321,10 +342,11 @@ class RedisRouter(CallbackRouter):
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             health_check_interval=max(1, math.ceil(self.timeout * 5)),
-            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), 1),
+            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), retries),
             client_name=f"{self.prefix}{self.worker_id}",
         )
-        self._script = redis.register_script(_RECORD_SCRIPT)
+        if retries:
+            self._script = redis.register_script(_RECORD_SCRIPT)
         return redis
 
     def _problem(self, what: str, exc: BaseException) -> None:
@@ -384,8 +406,8 @@ class RedisRouter(CallbackRouter):
             attempt += 1
 
     async def _subscribe(self) -> PubSub:
-        assert self._redis is not None
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
+        assert self._pubsub_redis is not None
+        pubsub = self._pubsub_redis.pubsub(ignore_subscribe_messages=False)
         try:
             await pubsub.subscribe(self._channel)
             # The confirmation: from here on, nothing published to us is missed.
@@ -402,17 +424,30 @@ class RedisRouter(CallbackRouter):
 
     @staticmethod
     async def _pump(pubsub: PubSub, deliver: Callable[[bytes], None]) -> None:
+        """Deliver what arrives on the channel until the connection fails."""
         while True:
             # A timeout, so the health check pings a connection gone quiet.
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None and message["type"] == "message":
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            if message["type"] == "message":
                 deliver(message["data"])
+            elif message["type"] == "subscribe":  # pragma: no cover - retries are off
+                return  # subscribed anew without us: start over, results included
 
     # --- claiming: this worker's tasks ------------------------------------------------
 
-    def claim(self, tasks: Sequence[Task]) -> None:
-        """Queue claims on ``tasks``: their callbacks will be routed to this worker."""
-        self._queue_write("claim", [self._claim_of(task) for task in tasks])
+    async def claim(self, tasks: Sequence[Task]) -> None:
+        """Claim ``tasks``: their callbacks are routed to this worker from now on.
+
+        Returns once the claims are in Redis (with their requests, for `find`), or after
+        ``timeout`` seconds, or at once while Redis is unreachable: the claims are then
+        written once it is back. Never raises, and is not cut short by cancellation.
+        """
+        written = self._queue_write("claim", [self._claim_of(task) for task in tasks])
+        if written is not None and self.connected:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.timeout):
+                await written.wait()
 
     def finished(self, payload: CallbackPayload, submission_id: str | None) -> None:
         """Queue the record of a result this worker got itself, for the others."""
@@ -422,7 +457,7 @@ class RedisRouter(CallbackRouter):
         """Queue the end of this worker's claim on a task."""
         self._queue_write("release", task_id)
 
-    def _queue_write(self, kind: str, item: Any) -> None:
+    def _queue_write(self, kind: str, item: Any) -> anyio.Event | None:
         writes = self._writes
         writes.append((kind, item))
         if len(writes) > _MAX_QUEUED:
@@ -432,6 +467,7 @@ class RedisRouter(CallbackRouter):
                     break
         if self._wake_writer is not None:
             self._wake_writer.set()
+        return self._written
 
     async def _write_loop(self) -> None:
         link = self._link
@@ -442,49 +478,53 @@ class RedisRouter(CallbackRouter):
         while True:
             await self._wake_writer.wait()
             self._wake_writer = anyio.Event()
-            writes = self._writes[:_CHUNK]
-            del self._writes[:_CHUNK]
-            if not writes:
-                continue
-            if self._writes:
-                self._wake_writer.set()  # the rest in the next round
+            writes, self._writes = self._writes, []
+            written, self._written = self._written, anyio.Event()
+            assert written is not None
             try:
-                with anyio.fail_after(self.timeout * 3):
+                with anyio.fail_after(self.timeout * (3 + len(writes) // _CHUNK)):
                     found = await link.call(self._write, writes)
             except errors as exc:
+                written.set()
                 self._problem("writing claims", exc)
                 self._writes[:0] = writes
                 await self._backoff(attempt)
                 attempt += 1
                 self._wake_writer.set()
                 continue
+            written.set()
             attempt = 0
             self._deliver_found(found)
 
     async def _write(self, writes: list[tuple[str, Any]]) -> list[bytes]:
         """Run queued writes in pipelines; the results found for claimed tasks."""
-        found: list[bytes] = []
         claims: list[tuple[str, dict[str, str]]] = []
+        others = []
+        for kind, item in writes:
+            if kind == "claim":
+                claims.extend(item)
+            else:
+                others.append((kind, item))
         assert self._redis is not None
         assert self._script is not None
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for kind, item in writes:
-                if kind == "claim":
-                    claims.extend(item)
-                elif kind == "finished":
-                    task_id, record = item
-                    await self._script(
-                        keys=self._record_keys(task_id, None),
-                        args=self._record_args(record, None, skip=self.worker_id, task_id=task_id),
-                        client=pipe,
-                    )
-                    pipe.hdel(self._task_key(task_id), f"w:{self.worker_id}")
-                    pipe.expire(self._task_key(task_id), self.result_ttl)
-                else:
-                    pipe.hdel(self._task_key(item), f"w:{self.worker_id}")
-            await pipe.execute()
-        found.extend(await self._claim(claims))
-        return found
+        mine = f"w:{self.worker_id}"
+        for start in range(0, len(others), _CHUNK):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for kind, item in others[start : start + _CHUNK]:
+                    if kind == "finished":
+                        task_id, record = item
+                        await self._script(
+                            keys=self._record_keys(task_id, None),
+                            args=self._record_args(
+                                record, None, skip=self.worker_id, task_id=task_id
+                            ),
+                            client=pipe,
+                        )
+                        pipe.hdel(self._task_key(task_id), mine)
+                    else:
+                        pipe.hdel(self._task_key(item), mine)
+                await pipe.execute()
+        return await self._claim(claims)
 
     async def _claim(self, claims: list[tuple[str, dict[str, str]]]) -> list[bytes]:
         """Write claims (before reading results: see the module docstring)."""

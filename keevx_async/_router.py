@@ -166,9 +166,14 @@ class CallbackRouter:
         """
         task_status.started()
 
-    def claim(self, tasks: Sequence[Task]) -> None:
+    async def claim(self, tasks: Sequence[Task]) -> None:
         """This client waits for ``tasks`` (just submitted, or re-attached): route their
-        callbacks here. Must not block: queue the work for `run`."""
+        callbacks here from now on.
+
+        Awaited by ``submit`` before it returns: keep it short, never raise, and do not
+        let cancellation cut it short (the tasks exist and are billed). When the store
+        is unreachable, queue the claims for later and return.
+        """
 
     def finished(self, payload: CallbackPayload, submission_id: str | None) -> None:
         """A task of this client finished here (its callback or a lookup): record the

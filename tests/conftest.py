@@ -24,3 +24,7 @@ settings.load_profile("keevx")
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Run every async test on both backends the SDK supports."""
     return str(request.param)
+
+
+# The real Redis server of the router tests (a prefix of the test's own, emptied after).
+from redis_support import redis_prefix  # noqa: E402, F401

@@ -275,6 +275,11 @@ class FakeKeevx:
     - ``image_base_url``: result URLs are ``{image_base_url}/{task_id}.png`` (and
       ``_thumb.png``).
     - ``delivery_concurrency``: callback deliveries in flight at once.
+    - ``redeliveries`` / ``redeliver_after``: how many more times a callback whose
+      delivery failed (an exception, or an answer other than 2xx: a 503 of a receiver
+      that could not record it) is POSTed again, the first after ``redeliver_after``
+      seconds, then at doubling intervals. The service does not document retries, so
+      the default is none.
 
     The counters (``submit_calls``, ``accepted_submits``, ``submit_times``,
     ``max_in_flight``, ``get_calls``, ``get_times``, ``callbacks_sent``,
@@ -296,6 +301,8 @@ class FakeKeevx:
     callback_client: httpx.AsyncClient | None
     image_base_url: str
     delivery_concurrency: int
+    redeliveries: int
+    redeliver_after: float
 
     tasks: dict[str, FakeTask]
     """The tasks created since construction or the last `reset_metrics`, by ID."""
@@ -340,6 +347,8 @@ class FakeKeevx:
         callback_client: httpx.AsyncClient | None = None,
         image_base_url: str = DEFAULT_IMAGE_BASE_URL,
         delivery_concurrency: int = 64,
+        redeliveries: int = 0,
+        redeliver_after: float = 0.5,
     ) -> None:
         self.api_key = api_key
         self.latency = latency
@@ -355,6 +364,8 @@ class FakeKeevx:
         self.callback_client = callback_client
         self.image_base_url = image_base_url
         self.delivery_concurrency = delivery_concurrency
+        self.redeliveries = redeliveries
+        self.redeliver_after = redeliver_after
 
         self.in_flight = 0
         self.reset_metrics()
@@ -826,16 +837,22 @@ class FakeKeevx:
                 },
             }
         ).encode()
-        try:
-            failure = await self._send_callback(task.callback_url or "", body)
-        # A receiver's failure is what the fake is for: record it, never crash on it.
-        except Exception as exc:  # noqa: BLE001
-            failure = f"{type(exc).__name__}: {exc}"
-        if failure is not None:
+        attempt = 0
+        while True:
+            try:
+                failure = await self._send_callback(task.callback_url or "", body)
+            # A receiver's failure is what the fake is for: record it, never crash on it.
+            except Exception as exc:  # noqa: BLE001
+                failure = f"{type(exc).__name__}: {exc}"
+            if failure is None:
+                task.callbacks_sent += 1
+                self.callbacks_sent += 1
+                return
             self.delivery_failures.append((task.task_id, failure))
-            return
-        task.callbacks_sent += 1
-        self.callbacks_sent += 1
+            if attempt >= self.redeliveries:
+                return
+            await anyio.sleep(self.redeliver_after * 2**attempt)
+            attempt += 1
 
     async def _send_callback(self, url: str, body: bytes) -> str | None:
         """Deliver one callback body; the reason it failed, or None."""
