@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import random
 import secrets
 from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, cast
@@ -218,8 +219,9 @@ class RedisRouter(CallbackRouter):
         timeout: seconds for one Redis operation (connecting included); a callback that
             cannot be recorded within a few of them is refused with 503.
         reconnect_max_wait: the longest wait between reconnection attempts.
-        worker_id: this client's name in Redis; default a random one. Two clients must
-            never share one.
+        worker_id: this client's name in Redis; default a random one, drawn again in a
+            process forked after the router was made (a client made before gunicorn's
+            ``--preload`` fork). Two clients must never share one.
     """
 
     shares_callbacks: ClassVar[bool] = True
@@ -257,6 +259,8 @@ class RedisRouter(CallbackRouter):
         self.result_ttl = _whole_seconds("result_ttl", result_ttl)
         self.timeout = float(timeout)
         self.reconnect_max_wait = float(reconnect_max_wait)
+        self._random_id = worker_id is None
+        self._made_in = os.getpid()
         self.worker_id: str = worker_id or secrets.token_hex(8)
         """This client's name in Redis (its channel is ``{prefix}worker:{worker_id}``)."""
         self.connected = False
@@ -265,7 +269,7 @@ class RedisRouter(CallbackRouter):
         self.errors = 0
         """Redis operations that failed (each outage is logged once, not counted once)."""
         self._channel_prefix = f"{prefix}worker:"
-        self._channel = self._channel_prefix + self.worker_id
+        self._set_worker_id(self.worker_id)
         self._link: _Link | None = None
         self._redis: Redis | None = None
         self._script: AsyncScript | None = None
@@ -277,6 +281,10 @@ class RedisRouter(CallbackRouter):
         self._pubsub_redis: Redis | None = None
         self._outage = False
         self._used = False
+
+    def _set_worker_id(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        self._channel = self._channel_prefix + worker_id
 
     def __repr__(self) -> str:
         return f"RedisRouter({self.url!r}, prefix={self.prefix!r}, worker_id={self.worker_id!r})"
@@ -299,6 +307,8 @@ class RedisRouter(CallbackRouter):
         if self._used:
             raise RuntimeError("this RedisRouter already served a client: make one per client")
         self._used = True
+        if self._random_id and os.getpid() != self._made_in:
+            self._set_worker_id(secrets.token_hex(8))  # a fork must not share its parent's
         self._host = host
         self._wake_writer = anyio.Event()
         self._written = anyio.Event()

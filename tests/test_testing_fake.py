@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import re
@@ -563,6 +564,31 @@ async def test_deliver_into_feeds_the_target_and_records_its_exceptions() -> Non
     assert fake.delivery_failures == [(failing_id, "ValueError: receiver is down")]
     assert fake.tasks[http_id].callbacks_sent == 1
     assert fake.callbacks_sent == 2
+
+
+async def test_failed_deliveries_are_tried_again_when_asked() -> None:
+    answers = iter([503, 503, 200, 503, 503, 503])
+    times: list[float] = []
+
+    def receiver(request: httpx.Request) -> httpx.Response:
+        times.append(anyio.current_time())
+        return httpx.Response(next(answers))
+
+    callbacks = httpx.AsyncClient(transport=httpx.MockTransport(receiver))
+    fake = FakeKeevx(complete_after=0, callback_client=callbacks, redeliver_after=0.05)
+    async with callbacks, fake, fake.http_client(headers=AUTH) as http:
+        fake.redeliveries = 2
+        (delivered_id,) = await task_ids_of(await submit(http, callback_url=CALLBACK_URL))
+        await fake.wait_idle()
+        (lost_id,) = await task_ids_of(await submit(http, callback_url=CALLBACK_URL))
+        await fake.wait_idle()
+    # Third time lucky; then three failures and no more tries (1 + redeliveries).
+    assert fake.tasks[delivered_id].callbacks_sent == 1
+    assert fake.tasks[lost_id].callbacks_sent == 0
+    assert fake.delivery_failures == [(delivered_id, "HTTP 503")] * 2 + [(lost_id, "HTTP 503")] * 3
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert gaps[0] >= 0.05
+    assert gaps[1] >= 0.1  # doubling
 
 
 async def test_early_callbacks_arrive_before_the_submit_reply() -> None:
