@@ -6,7 +6,9 @@ route then returns once the callback has come in. In an async framework (Quart, 
 Sanic, ...) call it directly from the callback route:
 
     reply = await answer_callback(client, await request.get_data(), str(request.url))
-    return Response(reply.body, status=reply.status, content_type=reply.content_type)
+    return Response(
+        reply.body, status=reply.status, content_type=reply.content_type, headers=reply.headers
+    )
 
 A synchronous (WSGI) app cannot await, and its requests run in threads: give the client an
 event loop of its own in a thread (``anyio.from_thread.start_blocking_portal``) and call
@@ -35,11 +37,12 @@ CALLBACK_PATH = "/keevx/callback"
 
 # --8<-- [start:answer]
 class Reply(NamedTuple):
-    """What to answer: a status and a JSON body."""
+    """What to answer: a status, a JSON body and any more headers."""
 
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 async def answer_callback(client: kx.AsyncKeevx, body: bytes, url: str) -> Reply:
@@ -57,7 +60,12 @@ async def answer_callback(client: kx.AsyncKeevx, body: bytes, url: str) -> Reply
         return Reply(401, b'{"code":401,"msg":"invalid callback token"}')
     except kx.CallbackError as exc:
         return Reply(400, json.dumps({"code": 400, "msg": str(exc)}).encode())
-    # RESOLVED, BUFFERED (before the submit reply), DUPLICATE or PROGRESS: all are fine.
+    except kx.RouterError as exc:
+        # For another worker's task, and Redis could not record it: have it sent again.
+        message = json.dumps({"code": 503, "msg": str(exc)}).encode()
+        return Reply(503, message, headers=(("Retry-After", "1"),))
+    # RESOLVED, BUFFERED (before the submit reply), DUPLICATE, PROGRESS or FORWARDED
+    # (recorded for the worker that waits for it): all are fine.
     return Reply(200, b'{"code":0,"msg":"ok"}')
 
 
@@ -99,7 +107,7 @@ def make_wsgi_app(
         else:
             reply = Reply(404, b'{"detail":"not found"}')
         status = f"{reply.status} {HTTPStatus(reply.status).phrase}"
-        start_response(status, [("Content-Type", reply.content_type)])
+        start_response(status, [("Content-Type", reply.content_type), *reply.headers])
         return [reply.body]
 
     return app

@@ -66,7 +66,13 @@ async def keevx_callback(request: HttpRequest) -> JsonResponse:
         return JsonResponse({"code": 401, "msg": "invalid callback token"}, status=401)
     except kx.CallbackError as exc:
         return JsonResponse({"code": 400, "msg": str(exc)}, status=400)
-    # RESOLVED, BUFFERED (before the submit reply), DUPLICATE or PROGRESS: all are fine.
+    except kx.RouterError as exc:
+        # For another worker's task, and Redis could not record it: have it sent again.
+        return JsonResponse(
+            {"code": 503, "msg": str(exc)}, status=503, headers={"Retry-After": "1"}
+        )
+    # RESOLVED, BUFFERED (before the submit reply), DUPLICATE, PROGRESS or FORWARDED
+    # (recorded for the worker that waits for it): all are fine.
     return JsonResponse({"code": 0, "msg": "ok"})
 
 

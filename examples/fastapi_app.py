@@ -72,7 +72,8 @@ def create_app() -> FastAPI:
 
     app = FastAPI(lifespan=lifespan)
     app.include_router(router)
-    # callback_app checks the token, the size and the body, and answers 200/400/401/405/413.
+    # callback_app checks the token, the size and the body, and answers 200/400/401/405/413
+    # (503 with Retry-After when a RedisRouter cannot record another worker's callback).
     # A Route, not a Mount: the token is in the query string, the path is exact.
     app.router.routes.append(Route(CALLBACK_PATH, client.callback_app, include_in_schema=False))
     return app

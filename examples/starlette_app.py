@@ -53,7 +53,8 @@ def create_app() -> Starlette:
     return Starlette(
         routes=[
             Route("/images", create_image, methods=["POST"]),
-            # callback_app checks the token, the size and the body (200/400/401/405/413).
+            # callback_app checks the token, the size and the body (200/400/401/405/413;
+            # 503 with Retry-After when a RedisRouter cannot record another worker's callback).
             # A Route, not a Mount: the token is in the query string, the path is exact.
             Route(CALLBACK_PATH, client.callback_app),
         ],
