@@ -217,7 +217,9 @@ class TaskRegistry:
         task = None if ref is None else ref()
         if task is None:
             return self._apply_unknown(payload, submission_id)
-        if submission_id is not None and task.submission_id != submission_id:
+        owner = task.submission_id
+        # A task whose submission is unknown (re-attached by ID alone) takes any valid token.
+        if submission_id is not None and owner is not None and owner != submission_id:
             self._reject_foreign(task_id)
         if payload.status in UNFINISHED_STATUSES:
             task.status = payload.status

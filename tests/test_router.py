@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -642,3 +643,163 @@ def test_bad_records_are_refused(record: bytes) -> None:
 def test_unreadable_stored_requests_read_as_none() -> None:
     assert decode_request_record(b"{") is None
     assert decode_request_record(b'{"prompt": ""}') is None
+
+
+# --- more faults, forks and custom routers ---------------------------------------------
+
+
+async def test_a_client_entered_while_redis_is_down_starts_and_connects_later(
+    redis_prefix: str,
+) -> None:
+    async with anyio.create_task_group() as task_group:
+        proxy = TcpProxy(task_group)
+        await proxy.start()
+        proxy.stop()  # a port where nothing listens now
+        async with FakeKeevx(api_key=API_KEY, complete_after=60) as fake:
+            options = {"timeout": 0.2, "reconnect_max_wait": 0.1}
+            client = worker(fake, redis_prefix, proxy.url, router_options=options)
+            with anyio.fail_after(10):  # never a hang
+                async with client:
+                    await check_down_then_up(client, proxy, redis_prefix)
+        proxy.stop()
+
+
+async def check_down_then_up(client: kx.AsyncKeevx, proxy: TcpProxy, redis_prefix: str) -> None:
+    assert not router_of(client).connected
+    with pytest.raises(kx.RouterError, match="could not read task"):
+        await client.task("i2is-somewhere")
+    # Submits go on without Redis; the claim is written once it is back.
+    submission = await client.submit(kx.ImageRequest("while down"))
+    claim = f"{redis_prefix}task:{submission.task_ids[0]}"
+    assert sync_redis().exists(claim) == 0
+    await proxy.start()
+    await eventually(lambda: router_of(client).connected, "the connection")
+    await eventually(lambda: sync_redis().exists(claim) == 1, "the claim")
+    assert router_of(client).errors >= 1
+
+
+async def test_routed_records_that_do_not_fit_are_dropped(
+    redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    redis = sync_redis()
+    async with workers(redis_prefix, 1, complete_after=60) as (_fake, (owner,)):
+        first = await owner.submit(kx.ImageRequest("first"))
+        second = await owner.submit(kx.ImageRequest("second"))
+        [task_id] = first.task_ids
+        channel = f"{redis_prefix}worker:{router_of(owner).worker_id}"
+        payload = CallbackPayload(task_id=task_id, status="SUCCEEDED", image_url=image_of(task_id))
+        foreign = encode_record(payload, second.tasks[0].submission_id)
+        assert redis.publish(channel, b"not a record") == 1
+        assert redis.publish(channel, foreign) == 1
+        await eventually(lambda: owner.stats.callbacks_rejected == 1, "the foreign record")
+        assert not first.tasks[0].done()
+        assert any("cannot be read" in r.getMessage() for r in caplog.records)
+        assert redis.publish(channel, encode_record(payload, first.tasks[0].submission_id)) == 1
+        with anyio.fail_after(5):
+            assert (await first.tasks[0]).image_url == image_of(task_id)
+
+
+async def test_a_forked_worker_draws_its_own_worker_id(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chosen = kx.RedisRouter(prefix=redis_prefix, worker_id="mine")
+    drawn = kx.RedisRouter(prefix=redis_prefix)
+    before = drawn.worker_id
+    parent = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: parent + 1)  # as in a forked child
+    async with kx.AsyncKeevx(api_key="k", router=chosen), kx.AsyncKeevx(api_key="k", router=drawn):
+        assert chosen.worker_id == "mine"
+        assert drawn.worker_id != before
+        assert sync_redis().pubsub_numsub(f"{redis_prefix}worker:{drawn.worker_id}")[0][1] == 1
+
+
+async def test_releases_queued_at_exit_are_written(redis_prefix: str) -> None:
+    redis = sync_redis()
+    async with FakeKeevx(api_key=API_KEY, complete_after=60) as fake:
+        other = worker(fake, redis_prefix)
+        async with other:
+            owner = worker(fake, redis_prefix)
+            async with owner:
+                submission = await owner.submit(kx.ImageRequest("quick exit"))
+                [task_id] = submission.task_ids
+                url = fake.tasks[task_id].callback_url or ""
+                await other.feed_callback(_callback(task_id), url=url)
+                with anyio.fail_after(5):
+                    await submission.tasks[0]
+            # The owner left at once: its release was written on the way out.
+            fields = redis.hgetall(f"{redis_prefix}task:{task_id}")
+            assert fields
+            assert not [key for key in fields if key.startswith(b"w:")]
+
+
+class MemoryRouter(kx.CallbackRouter):
+    """A router of our own over a dict shared by the clients of one test."""
+
+    shares_callbacks = True
+
+    def __init__(self, hub: dict[str, Any]) -> None:
+        self.hub = hub
+
+    async def run(self, host: kx.RouterHost, *, task_status: Any) -> None:
+        self.hub.setdefault("hosts", []).append(host)
+        await super().run(host, task_status=task_status)
+
+    async def claim(self, tasks: Any) -> None:
+        for task in tasks:
+            self.hub[task.task_id] = kx.TaskRecord(task.task_id, task.request, task.index)
+
+    async def forward(
+        self, payload: CallbackPayload, submission_id: str | None
+    ) -> kx.CallbackOutcome:
+        record = encode_record(payload, submission_id)
+        known = self.hub.get(payload.task_id)
+        self.hub[payload.task_id] = kx.TaskRecord(
+            payload.task_id, None if known is None else known.request, result=record
+        )
+        for host in self.hub["hosts"]:
+            host.deliver(record)
+        return kx.CallbackOutcome.FORWARDED
+
+    async def find(self, task_id: str) -> kx.TaskRecord | None:
+        record: kx.TaskRecord | None = self.hub.get(task_id)
+        return record
+
+
+async def test_a_router_of_ones_own_plugs_in() -> None:
+    hub: dict[str, Any] = {}
+    async with FakeKeevx(api_key=API_KEY) as fake:
+        options = {"callback_secret": SECRET, "reconcile_after": None}
+        async with (
+            fake.client(deliver_callbacks=False, router=MemoryRouter(hub), **options) as owner,
+            fake.client(deliver_callbacks=False, router=MemoryRouter(hub), **options) as other,
+        ):
+            receiver = Receiver(other)
+            fake.deliver_into(receiver)
+            [image] = await owner.generate(kx.ImageRequest("my own router"), timeout=5)
+            assert receiver.outcomes[image.task_id] == [kx.CallbackOutcome.FORWARDED]
+            task = await other.task(image.task_id)
+            assert task.done()
+            assert task.request.prompt == "my own router"
+            # The base class's defaults: nothing is routed, nothing is known.
+            base = kx.CallbackRouter()
+            assert await base.find("i2is-x") is None
+            with pytest.raises(NotImplementedError):
+                await base.forward(CallbackPayload(task_id="i2is-x", status="FAILED"), None)
+
+
+async def test_a_task_re_attached_by_id_alone_takes_its_verified_callback() -> None:
+    # The submitting process restarted: the new one has the same secret, not the
+    # submission, and the service's callback carries the old submission's token.
+    async with FakeKeevx(api_key=API_KEY, complete_after=60) as fake:
+        async with fake.client(callback_secret=SECRET) as before:
+            submission = await before.submit(kx.ImageRequest("restarted"))
+        [task_id] = submission.task_ids
+        async with fake.client(callback_secret=SECRET) as after:
+            task = await after.task(task_id, request=submission.request)
+            url = fake.tasks[task_id].callback_url
+            outcome = await after.feed_callback(_callback(task_id), url=url)
+            assert outcome is kx.CallbackOutcome.RESOLVED
+            assert task.result().image_url == image_of(task_id)
+            # Without a valid token it is still refused.
+            with pytest.raises(kx.CallbackAuthError):
+                await after.feed_callback(_callback(task_id), url=CALLBACK_URL)
