@@ -47,7 +47,14 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def tests_lowest(session: nox.Session) -> None:
     """The test suite against the lowest dependency versions pyproject.toml allows."""
-    session.install(".[test]", "anyio==4.4.0", "attrs==23.2.0", "cattrs==23.2.1", "httpx==0.27.0")
+    session.install(
+        ".[test]",
+        "anyio==4.4.0",
+        "attrs==23.2.0",
+        "cattrs==23.2.1",
+        "httpx==0.27.0",
+        "redis==5.0.1",
+    )
     session.run("pytest", *session.posargs)
 
 

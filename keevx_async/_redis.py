@@ -338,21 +338,22 @@ class RedisRouter(CallbackRouter):
     async def _last_writes(self) -> None:
         """Write what is still queued (releases, results), if Redis answers in time."""
         writes, self._writes = self._writes, []
-        if writes and self.connected and self._link is not None:
+        # Not while an outage is known: leaving must not wait for a Redis that is away.
+        if writes and not self._outage and self._link is not None:
             with anyio.move_on_after(self.timeout), contextlib.suppress(*_redis_errors()):
                 await self._link.call(self._write, writes)
 
     async def _connect(self, retries: int) -> Redis:
         from redis.asyncio import Redis  # noqa: PLC0415 (the extra is optional)
         from redis.asyncio.retry import Retry  # noqa: PLC0415
-        from redis.backoff import ExponentialWithJitterBackoff  # noqa: PLC0415
+        from redis.backoff import EqualJitterBackoff  # noqa: PLC0415
 
         redis = Redis.from_url(
             self.url,
             socket_timeout=self.timeout,
             socket_connect_timeout=self.timeout,
             health_check_interval=max(1, math.ceil(self.timeout * 5)),
-            retry=Retry(ExponentialWithJitterBackoff(base=0.02, cap=0.2), retries),
+            retry=Retry(EqualJitterBackoff(cap=0.2, base=0.02), retries),
             client_name=f"{self.prefix}{self.worker_id}",
         )
         if retries:
@@ -494,6 +495,9 @@ class RedisRouter(CallbackRouter):
             try:
                 with anyio.fail_after(self.timeout * (3 + len(writes) // _CHUNK)):
                     found = await link.call(self._write, writes)
+            except anyio.get_cancelled_exc_class():
+                self._writes[:0] = writes  # for the last writes on the way out
+                raise
             except errors as exc:
                 written.set()
                 self._problem("writing claims", exc)

@@ -104,11 +104,19 @@ async def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+def hash_of(redis: Any, key: str) -> dict[bytes, bytes]:
+    """A Redis hash, as the bytes redis-py returns."""
+    fields: dict[bytes, bytes] = redis.hgetall(key)
+    return fields
+
+
 def image_of(task_id: str) -> str:
     return f"https://images.fake.keevx.test/{task_id}.png"
 
 
-def assert_own_results(results: list[list[kx.ImageResult | kx.KeevxError]], prompts: list[str]):
+def assert_own_results(
+    results: list[list[kx.ImageResult | kx.KeevxError]], prompts: list[str]
+) -> None:
     """Each request got its own tasks' images, in order."""
     assert len(results) == len(prompts)
     for prompt, images in zip(prompts, results, strict=True):
@@ -366,7 +374,7 @@ async def test_every_key_has_a_ttl_and_claims_are_released(redis_prefix: str) ->
             [first] = submission.task_ids
             claim = f"{redis_prefix}task:{first}"
             await eventually(lambda: redis.exists(claim) == 1, "the claim")
-            fields = redis.hgetall(claim)
+            fields = hash_of(redis, claim)
             assert fields[f"w:{router_of(owner).worker_id}".encode()] == b"1"
             assert decode_request_record(fields[b"req"]) == submission.request
             assert 110 < redis.ttl(claim) <= 120
@@ -376,7 +384,7 @@ async def test_every_key_has_a_ttl_and_claims_are_released(redis_prefix: str) ->
                 await submission.tasks[0]
 
             def released() -> bool:
-                return not any(key.startswith(b"w:") for key in redis.hgetall(claim))
+                return not any(key.startswith(b"w:") for key in hash_of(redis, claim))
 
             await eventually(released, "the release of the claim")
             assert 0 < redis.ttl(f"{redis_prefix}result:{first}") <= 30
@@ -387,7 +395,7 @@ async def test_every_key_has_a_ttl_and_claims_are_released(redis_prefix: str) ->
             late_claim = f"{redis_prefix}task:{abandoned[0]}"
             await eventually(lambda: redis.exists(late_claim) == 1, "the late claim")
             await eventually(
-                lambda: not any(k.startswith(b"w:") for k in redis.hgetall(late_claim)),
+                lambda: not any(k.startswith(b"w:") for k in hash_of(redis, late_claim)),
                 "the abandoned claim's release",
             )
         for key in prefix_keys(redis, redis_prefix):
@@ -578,7 +586,7 @@ async def test_local_router_task_takes_an_early_callback_kept_for_it() -> None:
 
 # --- records ---------------------------------------------------------------------------
 
-_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+_text = st.text(st.characters(codec="utf-8"), max_size=20)
 
 
 @given(
@@ -727,7 +735,7 @@ async def test_releases_queued_at_exit_are_written(redis_prefix: str) -> None:
                 with anyio.fail_after(5):
                     await submission.tasks[0]
             # The owner left at once: its release was written on the way out.
-            fields = redis.hgetall(f"{redis_prefix}task:{task_id}")
+            fields = hash_of(redis, f"{redis_prefix}task:{task_id}")
             assert fields
             assert not [key for key in fields if key.startswith(b"w:")]
 
