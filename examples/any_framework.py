@@ -13,8 +13,9 @@ Sanic, ...) call it directly from the callback route:
 A synchronous (WSGI) app cannot await, and its requests run in threads: give the client an
 event loop of its own in a thread (``anyio.from_thread.start_blocking_portal``) and call
 into it with ``portal.call``. `make_wsgi_app` does that with the standard library only;
-the same two ``portal.call`` lines go into a Flask or Bottle view. Every callback must
-reach the process that submitted the request: serve it from one process, with threads.
+the same two ``portal.call`` lines go into a Flask or Bottle view. Serve it from one
+process with threads, or give each process's client a ``kx.RedisRouter`` (see the
+Deployment guide) so that callbacks reach the process that waits for them.
 """
 
 from __future__ import annotations
