@@ -40,10 +40,10 @@ from ._router import (
     TaskRecord,
     decode_request_record,
     encode_record,
-    encode_request_record,
 )
 from ._transport import running_on_asyncio
 from ._types import MAX_GENERATE_COUNT
+from ._wire import encode_request
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -685,6 +685,7 @@ class RedisRouter(CallbackRouter):
         return task_id, {
             f"w:{self.worker_id}": "1",
             "sub": task.submission_id or "",
-            "req": encode_request_record(task.request),
+            # The request as its submit body, with its own callback URL if it had one.
+            "req": encode_request(task.request, task.request.callback_url).decode(),
             "i": str(task.index),
         }

@@ -21,7 +21,7 @@ callbacks over another store.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import attrs
 
@@ -113,30 +113,11 @@ def decode_record(record: bytes | str) -> tuple[CallbackPayload, str | None]:
     return decode_callback(body), submission_id or None
 
 
-def encode_request_record(request: ImageRequest) -> str:
-    """A request as JSON text, for a router to store beside a task it owns."""
-    return json.dumps(
-        {
-            "prompt": request.prompt,
-            "reference_images": list(request.reference_images),
-            "module": request.module,
-            "generate_count": request.generate_count,
-            "image_quality": request.image_quality,
-            "image_ratio": request.image_ratio,
-            "callback_url": request.callback_url,
-        },
-        ensure_ascii=False,
-        separators=(",", ":"),
-    )
-
-
 def decode_request_record(text: str | bytes) -> ImageRequest | None:
-    """The request `encode_request_record` stored, or ``None`` if it cannot be read."""
+    """The request a router stored as its submit body (``encode_request``), or ``None``
+    if it cannot be read."""
     try:
-        fields: Any = load_json(text, "stored request")
-        if isinstance(fields, dict) and fields.get("callback_url") is None:
-            fields.pop("callback_url", None)
-        return decode_request(fields)
+        return decode_request(text)
     except (ValueError, TypeError):
         return None
 
