@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
     from types import TracebackType
 
-    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.abc import TaskGroup
     from typing_extensions import Self
 
     from ._types import CallbackTokenIn
@@ -377,7 +377,7 @@ class AsyncKeevx:
             try:
                 if self._shares:
                     host = _RouterHost(self._deliver_routed, self._registry.pending_tasks)
-                    await task_group.start(self._run_router, host)
+                    await task_group.start(self.router.run, host)
                 if self._reconciler is not None:
                     await task_group.start(self._reconciler.run)
             except BaseException:
@@ -386,9 +386,6 @@ class AsyncKeevx:
                 await task_group.__aexit__(None, None, None)
                 raise
         return self
-
-    async def _run_router(self, host: _RouterHost, *, task_status: TaskStatus[None]) -> None:
-        await self.router.run(host, task_status=task_status)
 
     async def __aexit__(
         self,

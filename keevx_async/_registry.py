@@ -145,14 +145,7 @@ class TaskRegistry:
             if len(self._submissions) > self._remember_done:
                 self._submissions.popitem(last=False)
         for task in tasks:
-            task_id = task.task_id
-            assert task_id is not None  # only submitted tasks are registered
-            self._pending[task_id] = weakref.KeyedRef(task, self._forget_collected, task_id)
-            early = self._take_early((task_id, submission_id))
-            if early is None and submission_id is not None:
-                early = self._take_early((task_id, None))
-            if early is not None:
-                self._resolve(task, early.payload)
+            self._track(task)
         # What is left under this submission can never apply: its tasks are all known now.
         if submission_id is not None and self._early_per_submission.get(submission_id):
             for key in [key for key in self._early if key[1] == submission_id]:
@@ -179,12 +172,17 @@ class TaskRegistry:
         Unlike `register`, it binds nothing about the task's submission: its other
         tasks may be waited for elsewhere.
         """
-        task_id = task.task_id
-        assert task_id is not None  # only submitted tasks are attached
         self._expire_early(self._clock())
+        self._track(task)
+
+    def _track(self, task: Task) -> None:
+        """Make ``task`` pending, and apply the early callback kept for it, if any."""
+        task_id = task.task_id
+        assert task_id is not None  # only submitted tasks are tracked
         self._pending[task_id] = weakref.KeyedRef(task, self._forget_collected, task_id)
-        early = self._take_early((task_id, task.submission_id))
-        if early is None and task.submission_id is not None:
+        submission_id = task.submission_id
+        early = self._take_early((task_id, submission_id))
+        if early is None and submission_id is not None:
             early = self._take_early((task_id, None))
         if early is not None:
             self._resolve(task, early.payload)

@@ -74,7 +74,9 @@ class _ShutdownGate:
     """Stands in front of ``callback_app`` so that shutdown never half-applies a callback.
 
     Relies on what ``callback_app`` does: it reads the whole body before it feeds the
-    callback, and feeds it without awaiting anything before it answers.
+    callback, and answers right after feeding it. Feeding awaits only a router recording
+    a callback for another process, bounded by the router's own timeout, and that runs
+    inside the gate's shield.
     """
 
     def __init__(self, app: ASGIApp) -> None:
