@@ -609,26 +609,18 @@ class RedisRouter(CallbackRouter):
             CallbackAuthError: the task's owner recorded another submission for it, or
                 the token already has as many early callbacks as a submission has tasks.
         """
-        link, script = self._link, self._script
-        if link is None or script is None or self._host is None:
-            raise RouterError(
-                "the RedisRouter is not running: enter its client (`async with`) first"
-            )
         task_id = payload.task_id
         keys = self._record_keys(task_id, submission_id)
         args = self._record_args(
             encode_record(payload, submission_id), submission_id, skip="", task_id=task_id
         )
-        try:
-            with anyio.fail_after(self.timeout * 3):
-                notified = await link.call(script, keys, args)
-        except _redis_errors() as exc:
-            self._problem("recording a callback", exc)
-            raise RouterError(
-                f"could not record the callback for task {task_id} in Redis at {self.url}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        self._recovered()
+        notified: int = await self._ask(
+            "recording a callback",
+            f"could not record the callback for task {task_id} in",
+            self._run_script,
+            keys,
+            args,
+        )
         if notified == _FOREIGN:
             raise CallbackAuthError(
                 f"callback for task {task_id} carries a token issued for another submission"
@@ -646,20 +638,9 @@ class RedisRouter(CallbackRouter):
         Raises:
             RouterError: Redis could not be read.
         """
-        link = self._link
-        if link is None or self._host is None:
-            raise RouterError(
-                "the RedisRouter is not running: enter its client (`async with`) first"
-            )
-        try:
-            with anyio.fail_after(self.timeout * 3):
-                fields, result = await link.call(self._read, task_id)
-        except _redis_errors() as exc:
-            self._problem("reading a task", exc)
-            raise RouterError(
-                f"could not read task {task_id} from Redis at {self.url}: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+        fields, result = await self._ask(
+            "reading a task", f"could not read task {task_id} from", self._read, task_id
+        )
         if not fields and result is None:
             return None
         index = fields.get(b"i", b"0")
@@ -670,6 +651,35 @@ class RedisRouter(CallbackRouter):
             submission_id=fields.get(b"sub", b"").decode() or None,
             result=result,
         )
+
+    async def _ask(
+        self, doing: str, failure: str, function: Callable[..., Awaitable[_T]], *args: Any
+    ) -> _T:
+        """One Redis operation for a caller who is waiting (bounded; RouterError if not).
+
+        ``doing`` names the operation in the outage log; ``failure`` starts the error's
+        message ("could not read task X from").
+        """
+        link = self._link
+        if link is None or self._redis is None or self._host is None:
+            raise RouterError(
+                "the RedisRouter is not running: enter its client (`async with`) first"
+            )
+        try:
+            with anyio.fail_after(self.timeout * 3):
+                answer = await link.call(function, *args)
+        except _redis_errors() as exc:
+            self._problem(doing, exc)
+            raise RouterError(
+                f"{failure} Redis at {self.url}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self._recovered()
+        return answer
+
+    async def _run_script(self, keys: list[str], args: list[Any]) -> int:
+        assert self._script is not None  # registered with the client
+        notified: int = await self._script(keys, args)
+        return notified
 
     async def _read(self, task_id: str) -> tuple[dict[bytes, bytes], bytes | None]:
         assert self._redis is not None
