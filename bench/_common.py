@@ -25,10 +25,52 @@ import time
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import attrs
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping
+    from collections.abc import Awaitable, Callable, Iterator, Mapping
+
+    import keevx_async as kx
+    from keevx_async.testing import FakeKeevx, FakeTask
+
+# --- pending tasks and their callbacks (the callback benchmarks) ----------------------------
+
+
+async def submit_concurrently(
+    submit: Callable[[kx.ImageRequest], Awaitable[kx.Submission]],
+    request: kx.ImageRequest,
+    count: int,
+    workers: int = 32,
+) -> list[kx.Submission]:
+    """Submit ``request`` ``count`` times from ``workers`` concurrent loops."""
+    submissions: list[kx.Submission] = []
+
+    async def submit_some(n: int) -> None:
+        for _ in range(n):
+            submissions.append(await submit(request))
+
+    async with anyio.create_task_group() as group:
+        for i in range(workers):
+            group.start_soon(submit_some, count // workers + (i < count % workers))
+    return submissions
+
+
+def succeeded_callback(fake: FakeKeevx, task: FakeTask) -> bytes:
+    """The body FakeKeevx POSTs once ``task`` has succeeded (see ``FakeKeevx._deliver``)."""
+    body = {
+        "code": 0,
+        "msg": "ok",
+        "task_type": "image_generate",
+        "data": {
+            "task_id": task.task_id,
+            "status": "SUCCEEDED",
+            "image_url": f"{fake.image_base_url}/{task.task_id}.png",
+            "error_message": "",
+        },
+    }
+    return json.dumps(body).encode()
+
 
 # --- the loopback server (runs in its own process) -------------------------------------------
 

@@ -26,6 +26,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+import _common
 import anyio
 
 if TYPE_CHECKING:
@@ -46,30 +47,11 @@ async def _pending_tasks(
 
     request = kx.ImageRequest("a lighthouse at dawn")
     fake.reset_metrics()
-
-    async def submit_some(n: int) -> None:
-        for _ in range(n):
-            submissions.append(await client.submit(request))
-
-    workers = 32
-    async with anyio.create_task_group() as tg:
-        for i in range(workers):
-            tg.start_soon(submit_some, count // workers + (i < count % workers))
+    submissions.extend(await _common.submit_concurrently(client.submit, request, count))
     callbacks = []
     for task in fake.tasks.values():
         assert task.callback_url is not None
-        body = {
-            "code": 0,
-            "msg": "ok",
-            "task_type": "image_generate",
-            "data": {
-                "task_id": task.task_id,
-                "status": "SUCCEEDED",
-                "image_url": f"{fake.image_base_url}/{task.task_id}.png",
-                "error_message": "",
-            },
-        }
-        callbacks.append((json.dumps(body).encode(), task.callback_url))
+        callbacks.append((_common.succeeded_callback(fake, task), task.callback_url))
     return callbacks
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import math
 import os
 import random
@@ -226,33 +225,13 @@ async def _pending(fake: FakeKeevx, owner: kx.AsyncKeevx, count: int) -> list[_C
     """Submit ``count`` one-image requests from ``owner``; their callbacks, not yet fed."""
     _check_fake_quiet(fake)
     fake.reset_metrics()
-    submissions: list[kx.Submission] = []
-
-    async def submit_some(n: int) -> None:
-        for _ in range(n):
-            submissions.append(await owner.submit(REQUEST))
-
-    workers = 32
-    async with anyio.create_task_group() as group:
-        for i in range(workers):
-            group.start_soon(submit_some, count // workers + (i < count % workers))
+    submissions = await _common.submit_concurrently(owner.submit, REQUEST, count)
     callbacks = []
     for submission in submissions:
         task = fake.tasks[submission.task_ids[0]]
         assert task.callback_url is not None
-        # The body FakeKeevx._deliver POSTs once the task succeeded.
-        body = {
-            "code": 0,
-            "msg": "ok",
-            "task_type": "image_generate",
-            "data": {
-                "task_id": task.task_id,
-                "status": "SUCCEEDED",
-                "image_url": _image_url(fake, task.task_id),
-                "error_message": task.error_message,
-            },
-        }
-        callbacks.append(_Callback(submission, json.dumps(body).encode(), task.callback_url))
+        body = _common.succeeded_callback(fake, task)
+        callbacks.append(_Callback(submission, body, task.callback_url))
     return callbacks
 
 
