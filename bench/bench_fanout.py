@@ -27,7 +27,7 @@ import anyio
 import httpx
 
 import keevx_async as kx
-from keevx_async._transport import FanoutTransport, aiohttp_usable
+from keevx_async._transports import FanoutTransport, aiohttp_usable
 from keevx_async._wire import encode_request
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ async def httpx_aiohttp(url: str, count: int, concurrency: int) -> float:
 
 async def httpx_our_aiohttp(url: str, count: int, concurrency: int) -> float:
     """httpx over the SDK's own aiohttp transport (no SDK around it)."""
-    from keevx_async._transport import AiohttpTransport  # noqa: PLC0415
+    from keevx_async._transports import AiohttpTransport  # noqa: PLC0415
 
     limits = httpx.Limits(max_connections=concurrency)
     return await plain_httpx(url, count, concurrency, AiohttpTransport(limits=limits))

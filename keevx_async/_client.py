@@ -51,7 +51,7 @@ from ._server import CallbackServer
 from ._task import Submission, Task, wait_all
 from ._throttle import Throttle, backoff_delay, parse_retry_after
 from ._tokens import CallbackSigner, attach_token, token_from_url
-from ._transport import FanoutClient, FanoutTransport
+from ._transports import FanoutClient, FanoutTransport
 from ._version import __version__
 from ._wire import (
     Envelope,
@@ -791,7 +791,7 @@ class AsyncKeevx:
                 to finish; after that it is refused with 503 (and not applied), so the
                 service can deliver it again.
         """
-        return CallbackServer(
+        return _ClientCallbackServer(
             self, host=host, port=port, public_url=public_url, shutdown_grace=shutdown_grace
         )
 
@@ -1035,6 +1035,39 @@ class AsyncKeevx:
             maybe_created=maybe_created,
             retry_after=retry_after,
         )
+
+
+class _ClientCallbackServer(CallbackServer):
+    """A `CallbackServer` of ``client.callback_app`` that, while it serves, is where the
+    client asks the service to call back."""
+
+    def __init__(self, client: AsyncKeevx, **options: Any) -> None:
+        super().__init__(client.callback_app, **options)
+        self._client = client
+        self._previous_callback_url: str | None = None
+        self._pointed = False
+
+    async def __aenter__(self) -> Self:
+        """Check the client is open, start the server, point ``callback_url`` at it."""
+        self._client._check_open()
+        await super().__aenter__()
+        self._previous_callback_url = self._client.callback_url
+        self._client.callback_url = self.public_url
+        self._pointed = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Put the previous ``callback_url`` back (unless the block changed it), then stop."""
+        if self._pointed:
+            self._pointed = False
+            if self._client.callback_url == self.public_url:
+                self._client.callback_url = self._previous_callback_url
+        await super().__aexit__(exc_type, exc, tb)
 
 
 def _code_and_msg(response: httpx.Response) -> tuple[int, str]:

@@ -26,16 +26,16 @@ import attrs
 
 from ._batch import Batch
 from ._client import AsyncKeevx
+from ._eventloop import running_on_asyncio
 from ._exceptions import TaskFailedError
 from ._models import ImageRequest
 from ._task import Task
-from ._transport import running_on_asyncio
 from .testing import FakeKeevx, serve_asgi
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ._receiver import Message, Receive, Scope, Send
+    from ._asgi import Message, Receive, Scope, Send
 
 __all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_REQUESTS", "DEFAULT_SEED", "build_requests", "run_demo"]
 

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 from ._exceptions import CallbackAuthError, CallbackError, RouterError
 from ._models import CallbackOutcome
 from ._tokens import token_from_target
 
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from ._asgi import Receive, Scope, Send
+
 __all__ = ["DEFAULT_MAX_BODY_SIZE", "CallbackApp"]
 
 logger = logging.getLogger("keevx_async")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_BODY_SIZE: Final = 64 * 1024
 """Default cap on a callback body (a real one is a few hundred bytes)."""

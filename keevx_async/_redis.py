@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, cast
 
 import anyio
 
+from ._eventloop import running_on_asyncio
 from ._exceptions import CallbackAuthError, RouterError
 from ._models import CallbackOutcome
 from ._router import (
@@ -41,7 +42,6 @@ from ._router import (
     decode_request_record,
     encode_record,
 )
-from ._transport import running_on_asyncio
 from ._types import MAX_GENERATE_COUNT
 from ._wire import encode_request
 

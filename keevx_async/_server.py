@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 import anyio
 
+from ._asgi import DEFAULT_SHUTDOWN_GRACE, http_url
+from ._eventloop import running_on_asyncio
 from ._models import check_http_url
-from ._transport import running_on_asyncio
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -38,18 +39,14 @@ if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
     from typing_extensions import Self
 
-    from ._client import AsyncKeevx
-    from ._receiver import Message, Receive, Scope, Send
+    from ._asgi import ASGIApp, Message, Receive, Scope, Send
 
-    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
     ServeFunction = Callable[..., Awaitable[None]]
 
-__all__ = ["DEFAULT_SHUTDOWN_GRACE", "CallbackServer"]
+__all__ = ["CallbackServer"]
 
 logger = logging.getLogger("keevx_async")
 
-DEFAULT_SHUTDOWN_GRACE: Final = 5.0
-"""Seconds a callback in flight at shutdown gets to finish arriving."""
 INSTALL_HINT: Final = "pip install 'keevx-async[server]'"
 # The listen backlog: callbacks of a large batch arrive in bursts.
 _BACKLOG: Final = 2048
@@ -136,11 +133,6 @@ async def _refuse(send: Send) -> None:
     ]
     await send({"type": "http.response.start", "status": 503, "headers": headers})
     await send({"type": "http.response.body", "body": _REFUSED_BODY})
-
-
-def http_url(host: str, port: int) -> str:
-    """``http://host:port``, with an IPv6 host in brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 async def _listen(host: str, port: int) -> socket.socket:
@@ -294,15 +286,17 @@ def _sole_error(error: BaseException) -> BaseException:
 
 
 class CallbackServer:
-    """A real HTTP server running ``client.callback_app``; made by
-    [`client.serve_callbacks()`][keevx_async.AsyncKeevx.serve_callbacks].
+    """A real HTTP server running an ASGI app that receives callbacks (``callback_app``).
+
+    [`client.serve_callbacks()`][keevx_async.AsyncKeevx.serve_callbacks] makes one for
+    the client's ``callback_app`` and, for the block, points the client's
+    ``callback_url`` at it; the server itself knows nothing of clients and serves any
+    ASGI app.
 
     Use it as an async context manager, once. Entering binds ``host:port`` and starts the
     server (uvicorn under asyncio, hypercorn under trio); it is listening when the block
-    starts, and for the block the client's ``callback_url`` is ``public_url``. Leaving the
-    block refuses new callbacks (503), lets callbacks in flight finish (their bodies get
-    ``shutdown_grace`` seconds to arrive), frees the port and puts the client's previous
-    ``callback_url`` back, unless the block changed it.
+    starts. Leaving the block refuses new requests (503), lets those in flight finish
+    (their bodies get ``shutdown_grace`` seconds to arrive) and frees the port.
 
     ```python
     async with client.serve_callbacks(port=0) as server:
@@ -317,7 +311,7 @@ class CallbackServer:
 
     def __init__(
         self,
-        client: AsyncKeevx,
+        app: ASGIApp,
         *,
         host: str = "127.0.0.1",
         port: int = 8787,
@@ -330,7 +324,6 @@ class CallbackServer:
             raise ValueError(f"port must be an int in 0..65535; got {port!r}")
         if not (math.isfinite(shutdown_grace) and shutdown_grace >= 0):
             raise ValueError(f"shutdown_grace must be a finite number >= 0; got {shutdown_grace!r}")
-        self._client = client
         self.host = host
         self._port = port
         self._public_url = None if public_url is None else check_http_url(public_url, "public_url")
@@ -338,10 +331,9 @@ class CallbackServer:
         self._url: str | None = None
         self._server_name: str | None = None
         self._state = _NEW
-        self._gate = _ShutdownGate(client.callback_app)
+        self._gate = _ShutdownGate(app)
         self._task_group: TaskGroup | None = None
         self._stop: anyio.Event | None = None
-        self._previous_callback_url: str | None = None
 
     def __repr__(self) -> str:
         if self._url is None:
@@ -378,10 +370,10 @@ class CallbackServer:
         return self._gate.in_flight
 
     async def __aenter__(self) -> Self:
-        """Bind, start the server and point the client's ``callback_url`` at it.
+        """Bind and start the server; it is listening when this returns.
 
         Raises:
-            RuntimeError: entered before, or the client is closed.
+            RuntimeError: entered before.
             ImportError: the ``keevx-async[server]`` extra is not installed.
             OSError: ``host:port`` cannot be bound (e.g. the port is taken).
         """
@@ -389,7 +381,6 @@ class CallbackServer:
             raise RuntimeError(
                 "a CallbackServer runs once: make a new one with client.serve_callbacks()"
             )
-        self._client._check_open()
         server_name, serve = _pick_server()
         sock = await _listen(self.host, self._port)
         bound_host, bound_port = sock.getsockname()[:2]
@@ -417,8 +408,6 @@ class CallbackServer:
         self._url = http_url(bound_host, bound_port)
         self._server_name = server_name
         self._task_group = task_group
-        self._previous_callback_url = self._client.callback_url
-        self._client.callback_url = self.public_url
         self._state = _SERVING
         logger.info("receiving callbacks at %s (%s)", self._url, server_name)
         return self
@@ -429,13 +418,11 @@ class CallbackServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Refuse new callbacks, finish those in flight, stop the server, free the port."""
+        """Refuse new requests, finish those in flight, stop the server, free the port."""
         task_group, stop = self._task_group, self._stop
         if self._state != _SERVING or task_group is None or stop is None:
             raise RuntimeError("the CallbackServer is not serving")
         self._state = _CLOSING
-        if self._client.callback_url == self.public_url:
-            self._client.callback_url = self._previous_callback_url
         self._gate.close(self.shutdown_grace)
         stop.set()
         # Shielded: the port must be freed even when the block was cancelled. The block's

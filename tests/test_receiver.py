@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import keevx_async as kx
-from keevx_async._receiver import Message
+from keevx_async._asgi import Message
 from keevx_async._tokens import TOKEN_PARAM, attach_token
 
 if TYPE_CHECKING:

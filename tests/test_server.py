@@ -24,7 +24,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from wiring import API_KEY, CALLBACK_URL, callback_body, closed_port
 
 import keevx_async as kx
-from keevx_async._server import CallbackServer, _ShutdownGate, http_url
+from keevx_async._asgi import http_url
+from keevx_async._server import CallbackServer, _ShutdownGate
 from keevx_async.testing import FakeKeevx
 
 if TYPE_CHECKING:
@@ -342,7 +343,7 @@ async def test_invalid_arguments_are_refused_at_once(
 ) -> None:
     async with fake_and_client() as (_, client):
         with pytest.raises(error):
-            CallbackServer(client, **options)
+            CallbackServer(client.callback_app, **options)
 
 
 async def test_the_missing_extra_names_the_install_command(
@@ -370,7 +371,7 @@ async def test_the_missing_extra_names_the_install_command(
 async def test_an_address_that_cannot_be_bound_is_a_clear_error() -> None:
     # 192.0.2.1 (TEST-NET-1) is on no interface of this machine: the bind fails locally.
     async with fake_and_client() as (_, client):
-        server = CallbackServer(client, host="192.0.2.1", port=0)
+        server = CallbackServer(client.callback_app, host="192.0.2.1", port=0)
         with pytest.raises(OSError, match=r"cannot listen on 192\.0\.2\.1:0") as caught:
             await server.__aenter__()
     assert caught.value.errno == errno.EADDRNOTAVAIL
@@ -452,7 +453,7 @@ class Pending:
 @asynccontextmanager
 async def pending_task(**server_options: Any) -> AsyncIterator[Pending]:
     async with fake_and_client({"lost_rate": 1.0}) as (fake, client):
-        server = CallbackServer(client, port=0, **server_options)
+        server = client.serve_callbacks(port=0, **server_options)
         release = anyio.Event()
 
         async def serve(*, task_status: TaskStatus[None]) -> None:
@@ -520,7 +521,7 @@ async def test_callbacks_racing_the_shutdown_are_answered_if_and_only_if_applied
     first_answer = anyio.Event()
     with anyio.fail_after(LIMIT):
         async with fake_and_client({"lost_rate": 1.0}) as (fake, client):
-            server = CallbackServer(client, port=0, shutdown_grace=0.5)
+            server = client.serve_callbacks(port=0, shutdown_grace=0.5)
             limits = httpx.Limits(max_keepalive_connections=0)
             async with (
                 httpx.AsyncClient(trust_env=False, limits=limits) as http,

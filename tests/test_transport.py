@@ -1,4 +1,4 @@
-"""The client's own HTTP layer (_transport.py): real loopback servers, both backends.
+"""The client's own HTTP layer (_transports/): real loopback servers, both backends.
 
 `AiohttpTransport` only runs on asyncio (aiohttp is an asyncio library): its tests are
 parametrised with the asyncio backend alone (``EACH_TRANSPORT``, ``ASYNCIO_ONLY``), so
@@ -23,15 +23,15 @@ from anyio.abc import SocketAttribute
 from wiring import API_KEY, CALLBACK_URL, ScriptedApp, ok_reply
 
 import keevx_async as kx
-from keevx_async._transport import (
+from keevx_async._transports import (
     AiohttpTransport,
     FanoutClient,
     FanoutTransport,
     ShardedTransport,
-    _httpx_error,
-    _ssl_context,
     aiohttp_usable,
 )
+from keevx_async._transports.aiohttp import _httpx_error
+from keevx_async._transports.pool import ssl_context
 from keevx_async.testing import FakeKeevx, serve_asgi
 
 if TYPE_CHECKING:
@@ -429,7 +429,7 @@ def test_aiohttp_is_not_used_when_it_cannot_be_imported(monkeypatch: pytest.Monk
 
 def test_a_given_ssl_context_is_used_as_is() -> None:
     context = ssl.create_default_context()
-    assert _ssl_context(context) is context
+    assert ssl_context(context) is context
 
 
 @ASYNCIO_ONLY
