@@ -1,70 +1,60 @@
 """``AsyncKeevx``: the client that composes the parts.
 
-It owns the HTTP client, the concurrency limit, the throttle (pace and 429 pause), the
-callback signer and the task registry; the parts do not know the client.
+It owns the options and the lifetime (``async with``), and wires the parts together:
+the HTTP engine (`_http`: headers, throttle, retries, errors) sends its calls, the
+callback intake (`_callbacks`: tokens, registry, router) applies every result, the
+reconciler (`_reconcile`) looks up overdue tasks. Here are submit/batch/generate,
+retrieve/task and ``stats``; the parts do not know the client.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
 
 import anyio
-import attrs
 import httpx
 
 from ._batch import DEFAULT_MAX_PENDING, Batch, as_request, collect_aligned
+from ._callbacks import CallbackIntake
 from ._exceptions import (
     APIError,
     AuthenticationError,
-    CallbackAuthError,
-    CallbackError,
     KeevxError,
-    RateLimitError,
-    RouterError,
-    ServerError,
-    TransportError,
-    UnknownTaskError,
 )
+from ._http import HTTPEngine, build_http_client, read_envelope
 from ._models import (
-    FINISHED_OK,
     CallbackOutcome,
-    CallbackPayload,
     ImageRequest,
     ImageResult,
     TaskSnapshot,
     check_http_url,
 )
 from ._receiver import DEFAULT_MAX_BODY_SIZE, CallbackApp
-from ._reconcile import LOOKUPS_IN_FLIGHT, Reconciler
+from ._reconcile import Reconciler
 from ._registry import (
     DEFAULT_EARLY_MAX_AGE,
     DEFAULT_MAX_EARLY,
     TaskRegistry,
 )
-from ._router import CallbackRouter, LocalRouter, decode_record
+from ._router import CallbackRouter, LocalRouter
 from ._server import CallbackServer
+from ._stats import ClientStats, Counters
 from ._task import Submission, Task, wait_all
-from ._throttle import Throttle, backoff_delay, parse_retry_after
-from ._tokens import CallbackSigner, attach_token, token_from_url
-from ._transports import FanoutClient, FanoutTransport
-from ._version import __version__
+from ._throttle import Throttle
+from ._tokens import CallbackSigner, token_from_url
 from ._wire import (
-    Envelope,
     WireFormatError,
-    decode_callback,
-    decode_envelope,
     decode_snapshot,
     decode_task_ids,
     encode_request,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
+    from collections.abc import AsyncIterable, Iterable, Mapping
     from types import TracebackType
 
     from anyio.abc import TaskGroup
@@ -79,91 +69,6 @@ logger = logging.getLogger("keevx_async")
 DEFAULT_BASE_URL: Final = "https://api.keevx.cn"
 """The mainland service, the default. The international one is ``https://api.keevx.com``."""
 _SUBMIT_PATH: Final = "/v1/image_generate"
-# Exceptions raised before a request left this machine: safe to retry, nothing created.
-_NOT_SENT: Final = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-# Also never sent, but retrying cannot help: a URL or request this machine cannot send.
-_UNSENDABLE: Final = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
-# Headroom in the pool beyond the submit limit, for lookups running beside full fan-out.
-_POOL_HEADROOM: Final = LOOKUPS_IN_FLIGHT
-
-
-@attrs.frozen
-class ClientStats:
-    """A snapshot of what a client has done (``client.stats``), for operators and tests.
-
-    Attributes:
-        submitted: requests accepted by the service (successful submits).
-        submit_errors: submits that raised.
-        retries: HTTP attempts repeated under the retry policy (submits and lookups).
-        rate_limited: replies that paused the whole client (429, or 503 with
-            ``Retry-After``).
-        tasks_created: task IDs received.
-        resolved_by_callback: tasks finished by a callback.
-        resolved_by_lookup: tasks finished by ``retrieve``.
-        lookups: GET requests answered (``retrieve`` calls that returned, the
-            sweeper's included).
-        lookup_errors: lookups of overdue tasks that failed (retried later).
-        overdue_scheduled: planned lookups of tasks whose callback may still come (a
-            submission's tasks share one entry until their first lookup).
-        callbacks_rejected: callbacks refused for a missing, invalid or foreign token.
-        callbacks_malformed: callbacks refused for a malformed body.
-        callbacks_buffered: early callbacks kept for a task not registered yet.
-        callbacks_duplicate: callbacks for a task already finished (no change).
-        callbacks_evicted: early callbacks dropped (buffer full or too old).
-        callbacks_forwarded: callbacks for tasks this client does not wait for,
-            recorded by the router for the process that does (or will).
-        router_errors: callbacks refused (503) because the router could not record
-            them.
-        pending: tasks registered and not finished now.
-        buffered: early callbacks held now.
-    """
-
-    submitted: int
-    submit_errors: int
-    retries: int
-    rate_limited: int
-    tasks_created: int
-    resolved_by_callback: int
-    resolved_by_lookup: int
-    lookups: int
-    lookup_errors: int
-    overdue_scheduled: int
-    callbacks_rejected: int
-    callbacks_malformed: int
-    callbacks_buffered: int
-    callbacks_duplicate: int
-    callbacks_evicted: int
-    callbacks_forwarded: int
-    router_errors: int
-    pending: int
-    buffered: int
-
-
-@attrs.define
-class _Counters:
-    submitted: int = 0
-    submit_errors: int = 0
-    retries: int = 0
-    rate_limited: int = 0
-    tasks_created: int = 0
-    resolved_by_lookup: int = 0
-    lookups: int = 0
-    callbacks_rejected: int = 0
-    callbacks_malformed: int = 0
-    callbacks_forwarded: int = 0
-    router_errors: int = 0
-
-
-class _RouterHost:
-    """What the client lets its router do (see ``RouterHost``)."""
-
-    __slots__ = ("deliver", "pending_tasks")
-
-    def __init__(
-        self, deliver: Callable[[bytes], None], pending_tasks: Callable[[], list[Task]]
-    ) -> None:
-        self.deliver = deliver
-        self.pending_tasks = pending_tasks
 
 
 def _secret_from_env() -> list[str] | None:
@@ -300,64 +205,59 @@ class AsyncKeevx:
             )
         self.router: CallbackRouter = router if router is not None else LocalRouter()
         """Where callbacks for tasks of other processes go (see ``router=``)."""
-        self._shares = self.router.shares_callbacks
         self.max_retries = max_retries
         self.max_retry_wait = float(max_retry_wait)
         self.verify_callbacks = verify_callbacks
         self.callback_token_in: CallbackTokenIn = callback_token_in
         self.reconcile_after = reconcile_after
-        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
-        self._throttle = Throttle(max_per_second)
+        timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        self._counters = Counters()
         self._limiter = _submit_slots(self.max_concurrency)
-        self._signer = CallbackSigner(
-            callback_secret if callback_secret is not None else _secret_from_env()
+        self._engine = HTTPEngine(
+            api_key=api_key,
+            base_url=self.base_url,
+            http=http_client or build_http_client(self.max_concurrency, timeout),
+            owns_http=http_client is None,
+            timeout=timeout,
+            throttle=Throttle(max_per_second),
+            max_retries=max_retries,
+            max_retry_wait=self.max_retry_wait,
+            counters=self._counters,
         )
-        self._registry = TaskRegistry(
-            max_early=max_early_callbacks, early_max_age=early_callback_max_age
+        self._submit_url = self._engine.url(_SUBMIT_PATH)
+        self._callbacks = CallbackIntake(
+            signer=CallbackSigner(
+                callback_secret if callback_secret is not None else _secret_from_env()
+            ),
+            registry=TaskRegistry(
+                max_early=max_early_callbacks, early_max_age=early_callback_max_age
+            ),
+            router=self.router,
+            counters=self._counters,
+            verify=verify_callbacks,
+            token_in=callback_token_in,
         )
-        self._counters = _Counters()
         self._reconciler = (
             None
             if reconcile_after is None
             else Reconciler(
                 lookup=self.retrieve,
-                is_pending=self._is_pending,
-                pending_count=lambda: self._registry.pending_count,
+                is_pending=self._callbacks.is_pending,
+                pending_count=lambda: self._callbacks.registry.pending_count,
                 after=reconcile_after,
                 per_second=reconcile_per_second,
             )
         )
         self._task_group: TaskGroup | None = None
         self._warned_not_entered = False
-        self._headers = {
-            "Authorization": f"Bearer {api_key}",
-            "User-Agent": (
-                f"keevx-async/{__version__} httpx/{httpx.__version__} "
-                f"python/{platform.python_version()}"
-            ),
-            "Accept": "application/json",
-            "Content-Type": "application/json",
-        }
-        self._submit_url = self.base_url + _SUBMIT_PATH
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else self._build_http_client()
         self._warned_no_callback = False
         self._closed = False
         self.callback_app: CallbackApp = CallbackApp(
-            authenticate=self._authenticate,
-            feed=self._feed_verified,
+            authenticate=self._callbacks.authenticate,
+            feed=self._callbacks.feed,
             max_body_size=max_callback_body,
         )
         """An ASGI app receiving the service's callbacks; mount it at ``callback_url``."""
-
-    def _build_http_client(self) -> httpx.AsyncClient:
-        # Sized so a full fan-out never waits for a connection; the transport is picked at
-        # the first request (aiohttp on asyncio when installed, else sharded httpx pools).
-        connections = self.max_concurrency + _POOL_HEADROOM
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        return FanoutClient(
-            timeout=self._timeout, limits=limits, transport=FanoutTransport(limits=limits)
-        )
 
     def __repr__(self) -> str:
         return f"<AsyncKeevx base_url={self.base_url!r} max_concurrency={self.max_concurrency}>"
@@ -370,14 +270,14 @@ class AsyncKeevx:
         self._check_open()
         if self._task_group is not None:
             raise RuntimeError("this AsyncKeevx is already entered: enter it once")
-        if self._reconciler is not None or self._shares:
+        shares = self.router.shares_callbacks
+        if self._reconciler is not None or shares:
             task_group = anyio.create_task_group()
             await task_group.__aenter__()
             self._task_group = task_group
             try:
-                if self._shares:
-                    host = _RouterHost(self._deliver_routed, self._registry.pending_tasks)
-                    await task_group.start(self.router.run, host)
+                if shares:
+                    await task_group.start(self.router.run, self._callbacks.router_host())
                 if self._reconciler is not None:
                     await task_group.start(self._reconciler.run)
             except BaseException:
@@ -409,9 +309,7 @@ class AsyncKeevx:
             self._task_group.cancel_scope.cancel()
         if not self._closed:
             self._closed = True
-            if self._owns_http:
-                with anyio.CancelScope(shield=True):
-                    await self._http.aclose()
+            await self._engine.aclose()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -438,14 +336,15 @@ class AsyncKeevx:
         submission_id: str | None = None
         if callback_url is None:
             self._warn_no_callback()
-        elif self.verify_callbacks:
-            submission_id, token = self._signer.issue()
-            callback_url = attach_token(callback_url, token, self.callback_token_in)
+        else:
+            submission_id, callback_url = self._callbacks.issue(callback_url)
         body = encode_request(request, callback_url)
         try:
             async with self._limiter:
-                response = await self._send("POST", self._submit_url, body, request=request)
-            task_ids = self._read_task_ids(response, request)
+                response = await self._engine.send(
+                    "POST", self._submit_url, body, retry_safe=False, paced=True, request=request
+                )
+            task_ids = _read_task_ids(response, request)
         except KeevxError:
             self._counters.submit_errors += 1
             raise
@@ -453,9 +352,7 @@ class AsyncKeevx:
             Task(task_id, request, index, submission_id=submission_id)
             for index, task_id in enumerate(task_ids)
         )
-        self._registry.register(tasks)
-        if self._shares:
-            await self.router.claim(tasks)
+        await self._callbacks.register(tasks)
         if self._reconciler is not None:
             if self._reconciler.running:
                 self._reconciler.schedule(task_ids, has_callback=callback_url is not None)
@@ -487,7 +384,7 @@ class AsyncKeevx:
         finally:
             for task in submission.tasks:
                 if not task.done():
-                    self._abandon(task)
+                    self._callbacks.abandon(task)
 
     def batch(
         self,
@@ -532,7 +429,7 @@ class AsyncKeevx:
         return Batch(
             requests,
             submit=self.submit,
-            abandon=self._abandon,
+            abandon=self._callbacks.abandon,
             concurrency=limit,
             timeout=timeout,
             max_pending=max_pending,
@@ -577,8 +474,10 @@ class AsyncKeevx:
             raise ValueError(f"task_id must be a non-empty string; got {task_id!r}")
         self._check_open()
         url = f"{self._submit_url}/{quote(task_id, safe='')}"
-        response = await self._send("GET", url, None, task_id=task_id)
-        envelope = self._read_envelope(response, None, task_id=task_id, maybe_created=False)
+        response = await self._engine.send(
+            "GET", url, None, retry_safe=True, paced=False, task_id=task_id
+        )
+        envelope = read_envelope(response, task_id=task_id, maybe_created=False)
         try:
             snapshot = decode_snapshot(envelope.data)
         except WireFormatError as exc:
@@ -589,21 +488,7 @@ class AsyncKeevx:
                 response=response,
             ) from None
         self._counters.lookups += 1
-        finished = snapshot.done and (snapshot.status != FINISHED_OK or snapshot.image_url)
-        # Only a task this client waits for is resolved; others are not buffered.
-        task = self._registry.get(task_id) if finished and snapshot.task_id == task_id else None
-        if task is not None:
-            payload = CallbackPayload(
-                task_id=snapshot.task_id,
-                status=snapshot.status,
-                image_url=snapshot.image_url,
-                error_message=snapshot.error_message,
-                raw=snapshot.raw,
-            )
-            if self._registry.apply(payload, None) is CallbackOutcome.RESOLVED:
-                self._counters.resolved_by_lookup += 1
-                if self._shares:
-                    self.router.finished(payload, task.submission_id)
+        self._callbacks.settle_lookup(task_id, snapshot)
         return snapshot
 
     async def task(self, task_id: str, *, request: ImageRequest | None = None) -> Task:
@@ -635,30 +520,9 @@ class AsyncKeevx:
         if request is not None and not isinstance(request, ImageRequest):
             raise TypeError(f"request must be an ImageRequest; got {type(request).__name__}")
         self._check_open()
-        task = self._registry.get(task_id)
-        if task is not None:
-            return task
-        record = await self.router.find(task_id)
-        task = self._registry.get(task_id)  # attached by another caller meanwhile
-        if task is not None:
-            return task
-        known = None if record is None else record.request
-        if known is None and request is None:
-            raise UnknownTaskError(task_id)
-        task = Task(
-            task_id,
-            known or request,  # type: ignore[arg-type] # one of them is set
-            0 if record is None else record.index,
-            submission_id=None if record is None else record.submission_id,
-        )
-        self._registry.attach(task)
-        if record is not None and record.result is not None and not task.done():
-            self._apply_record(record.result)
-        if not task.done():
-            if self._shares:
-                await self.router.claim((task,))
-            if self._reconciler is not None and self._reconciler.running:
-                self._reconciler.schedule((task_id,), has_callback=True)
+        task = await self._callbacks.reattach(task_id, request)
+        if not task.done() and self._reconciler is not None and self._reconciler.running:
+            self._reconciler.schedule((task_id,), has_callback=True)
         return task
 
     # --- callbacks --------------------------------------------------------------------
@@ -682,84 +546,12 @@ class AsyncKeevx:
             RouterError: the callback is for a task of another process and the router
                 could not record it: answer 503 so that the service delivers it again.
         """
-        submission_id = self._authenticate(None if url is None else token_from_url(url))
-        outcome = self._feed_verified(body, submission_id)
+        intake = self._callbacks
+        submission_id = intake.authenticate(None if url is None else token_from_url(url))
+        outcome = intake.feed(body, submission_id)
         if not isinstance(outcome, CallbackOutcome):
             outcome = await outcome
         return outcome
-
-    def _authenticate(self, token: str | None) -> str | None:
-        if not self.verify_callbacks:
-            return None
-        submission_id = self._signer.verify(token)
-        if submission_id is None:
-            self._counters.callbacks_rejected += 1
-            why = "has no token" if not token else "carries an invalid token"
-            logger.warning("rejected a callback that %s", why)
-            raise CallbackAuthError(
-                f"callback {why}: it was not sent to a callback URL this client issued"
-            )
-        return submission_id
-
-    def _feed_verified(
-        self, body: bytes | str | Mapping[str, Any], submission_id: str | None
-    ) -> CallbackOutcome | Awaitable[CallbackOutcome]:
-        """Apply a callback whose token was verified; an awaitable when it is routed."""
-        try:
-            payload = decode_callback(body)
-        except WireFormatError as exc:
-            self._counters.callbacks_malformed += 1
-            logger.warning("rejected a malformed callback: %s", exc)
-            raise CallbackError(str(exc), field=exc.field) from None
-        if not self._shares:
-            return self._registry.apply(payload, submission_id)
-        task = self._registry.get(payload.task_id)
-        if task is None and payload.done:
-            return self._forward(payload, submission_id)
-        outcome = self._registry.apply(payload, submission_id)
-        if outcome is CallbackOutcome.RESOLVED and task is not None:
-            self.router.finished(payload, task.submission_id)
-        return outcome
-
-    async def _forward(
-        self, payload: CallbackPayload, submission_id: str | None
-    ) -> CallbackOutcome:
-        try:
-            outcome = await self.router.forward(payload, submission_id)
-        except RouterError:
-            self._counters.router_errors += 1
-            raise
-        except CallbackAuthError as exc:
-            self._counters.callbacks_rejected += 1
-            logger.warning("rejected a callback: %s", exc)
-            raise
-        self._counters.callbacks_forwarded += 1
-        return outcome
-
-    def _deliver_routed(self, record: bytes) -> None:
-        """Apply a callback the router brought from another process."""
-        resolved = self._apply_record(record)
-        if resolved is not None:
-            self.router.release(resolved)
-
-    def _apply_record(self, record: bytes) -> str | None:
-        """Apply a routed callback; the ID of the task it resolved, if it did."""
-        try:
-            payload, submission_id = decode_record(record)
-        except WireFormatError as exc:
-            logger.warning("dropped a routed callback that cannot be read: %s", exc)
-            return None
-        try:
-            outcome = self._registry.apply(payload, submission_id)
-        except CallbackAuthError:
-            return None  # logged and counted by the registry
-        return payload.task_id if outcome is CallbackOutcome.RESOLVED else None
-
-    def _abandon(self, task: Task) -> None:
-        """Stop waiting for an unfinished task (its wait timed out or was left)."""
-        self._registry.abandon(task)
-        if self._shares and task.task_id is not None:
-            self.router.release(task.task_id)
 
     def serve_callbacks(
         self,
@@ -800,32 +592,33 @@ class AsyncKeevx:
     @property
     def stats(self) -> ClientStats:
         """Counters and gauges of this client, as a frozen snapshot."""
-        registry = self._registry
+        registry = self._callbacks.registry
         counts = registry.counters
+        counters = self._counters
         return ClientStats(
-            submitted=self._counters.submitted,
-            submit_errors=self._counters.submit_errors,
-            retries=self._counters.retries,
-            rate_limited=self._counters.rate_limited,
-            tasks_created=self._counters.tasks_created,
-            resolved_by_callback=counts.resolved - self._counters.resolved_by_lookup,
-            resolved_by_lookup=self._counters.resolved_by_lookup,
-            lookups=self._counters.lookups,
+            submitted=counters.submitted,
+            submit_errors=counters.submit_errors,
+            retries=counters.retries,
+            rate_limited=counters.rate_limited,
+            tasks_created=counters.tasks_created,
+            resolved_by_callback=counts.resolved - counters.resolved_by_lookup,
+            resolved_by_lookup=counters.resolved_by_lookup,
+            lookups=counters.lookups,
             lookup_errors=0 if self._reconciler is None else self._reconciler.lookup_errors,
             overdue_scheduled=0 if self._reconciler is None else self._reconciler.scheduled,
             # Bad tokens are refused here; tokens of the wrong submission by the registry.
-            callbacks_rejected=self._counters.callbacks_rejected + counts.rejected,
-            callbacks_malformed=self._counters.callbacks_malformed,
+            callbacks_rejected=counters.callbacks_rejected + counts.rejected,
+            callbacks_malformed=counters.callbacks_malformed,
             callbacks_buffered=counts.buffered,
             callbacks_duplicate=counts.duplicates,
             callbacks_evicted=counts.evicted,
-            callbacks_forwarded=self._counters.callbacks_forwarded,
-            router_errors=self._counters.router_errors,
+            callbacks_forwarded=counters.callbacks_forwarded,
+            router_errors=counters.router_errors,
             pending=registry.pending_count,
             buffered=registry.early_count,
         )
 
-    # --- HTTP -------------------------------------------------------------------------
+    # --- warnings ---------------------------------------------------------------------
 
     def _warn_no_callback(self) -> None:
         if not self._warned_no_callback:
@@ -851,190 +644,21 @@ class AsyncKeevx:
                 "never comes are not looked up: they wait until their timeout"
             )
 
-    def _is_pending(self, task_id: str) -> bool:
-        return self._registry.get(task_id) is not None
 
-    async def _send(
-        self,
-        method: str,
-        url: str,
-        content: bytes | None,
-        *,
-        request: ImageRequest | None = None,
-        task_id: str | None = None,
-    ) -> httpx.Response:
-        """One logical call with the retry policy; returns the final response.
-
-        A POST is retried only when the service provably did not act on it; a GET (no
-        side effects) on any transient failure.
-        """
-        idempotent = method == "GET"
-        what = f"{method} {url}"
-        attempt = 0
-        while True:
-            paused_for = self._throttle.paused_for
-            if paused_for > self.max_retry_wait:
-                # The service asked the whole client to wait longer than we may sleep.
-                raise RateLimitError(
-                    f"not sent: the client is paused for another {paused_for:.3g} s by the "
-                    f"service's Retry-After, more than max_retry_wait={self.max_retry_wait:g}",
-                    request=request,
-                    task_id=task_id,
-                    retry_after=paused_for,
-                )
-            # max_per_second paces submits; every attempt honours the 429 pause.
-            await self._throttle.before_attempt(paced=not idempotent)
-            try:
-                response = await self._http.request(
-                    method, url, content=content, headers=self._headers, timeout=self._timeout
-                )
-            except anyio.get_cancelled_exc_class():
-                if not idempotent:
-                    # Not an error of ours to raise, but the caller cannot see it otherwise.
-                    logger.warning(
-                        "a submit was cancelled while its request was in flight: the service "
-                        "may have created (and billed) tasks for it"
-                    )
-                raise
-            except httpx.TransportError as exc:
-                not_sent = isinstance(exc, _NOT_SENT)
-                if (not_sent or idempotent) and attempt < self.max_retries:
-                    delay = backoff_delay(attempt)
-                    attempt += 1
-                    self._counters.retries += 1
-                    logger.warning(
-                        "retrying %s in %.2f s (retry %d of %d): %s",
-                        what, delay, attempt, self.max_retries, _describe(exc),
-                    )  # fmt: skip
-                    await anyio.sleep(delay)
-                    continue
-                maybe_created = not (idempotent or not_sent or isinstance(exc, _UNSENDABLE))
-                raise TransportError(
-                    f"{what} failed: {_describe(exc)}",
-                    request=request,
-                    task_id=task_id,
-                    maybe_created=maybe_created,
-                ) from exc
-            status = response.status_code
-            throttled = status == 429 or (status == 503 and "retry-after" in response.headers)
-            if not (throttled or (idempotent and status >= 500)):
-                return response
-            retry_after = parse_retry_after(response.headers.get("retry-after"))
-            delay = retry_after if retry_after is not None else backoff_delay(attempt)
-            if throttled:
-                # A signal to the whole client, whether or not this call tries again.
-                self._counters.rate_limited += 1
-                self._throttle.pause(delay, f"HTTP {status} from {what}")
-            if retry_after is not None and retry_after > self.max_retry_wait:
-                raise self._status_error(
-                    response, request, task_id, maybe_created=False, retry_after=retry_after,
-                    note=f"the service asked to wait {retry_after:g} s, more than "
-                    f"max_retry_wait={self.max_retry_wait:g}",
-                    error_class=RateLimitError,
-                )  # fmt: skip
-            if attempt >= self.max_retries:
-                raise self._status_error(
-                    response, request, task_id, maybe_created=False, retry_after=retry_after
-                )
-            attempt += 1
-            self._counters.retries += 1
-            if not throttled:
-                await anyio.sleep(delay)
-            logger.warning(
-                "retrying %s after HTTP %d (retry %d of %d)",
-                what,
-                status,
-                attempt,
-                self.max_retries,
-            )
-
-    def _read_task_ids(self, response: httpx.Response, request: ImageRequest) -> tuple[str, ...]:
-        envelope = self._read_envelope(response, request, task_id=None, maybe_created=True)
-        try:
-            return decode_task_ids(envelope.data)
-        except WireFormatError as exc:
-            raise APIError(
-                f"unreadable submit reply: {exc}",
-                code=envelope.code,
-                status_code=response.status_code,
-                request=request,
-                response=response,
-                maybe_created=True,
-            ) from None
-
-    def _read_envelope(
-        self,
-        response: httpx.Response,
-        request: ImageRequest | None,
-        *,
-        task_id: str | None,
-        maybe_created: bool,
-    ) -> Envelope:
-        """The reply's envelope, or the error it stands for.
-
-        ``maybe_created`` is what an unreadable 2xx reply means for a submit.
-        """
-        status = response.status_code
-        if not 200 <= status < 300:
-            ambiguous = maybe_created and (status >= 500 or status < 400)
-            raise self._status_error(response, request, task_id, maybe_created=ambiguous)
-        try:
-            envelope = decode_envelope(response.content, "reply")
-        except WireFormatError as exc:
-            raise APIError(
-                f"unreadable reply: {exc}",
-                status_code=status,
-                request=request,
-                task_id=task_id,
-                response=response,
-                maybe_created=maybe_created,
-            ) from None
-        if envelope.code != 0:
-            error_class = AuthenticationError if envelope.code in (401, 403) else APIError
-            raise error_class(
-                envelope.msg or "the service refused the request",
-                code=envelope.code,
-                status_code=status,
-                request=request,
-                task_id=task_id,
-                response=response,
-            )
-        return envelope
-
-    def _status_error(
-        self,
-        response: httpx.Response,
-        request: ImageRequest | None,
-        task_id: str | None,
-        *,
-        maybe_created: bool,
-        retry_after: float | None = None,
-        note: str | None = None,
-        error_class: type[APIError] | None = None,
-    ) -> APIError:
-        status = response.status_code
-        code, msg = _code_and_msg(response)
-        if note:
-            msg = f"{msg}; {note}"
-        if error_class is None:
-            if status == 429:
-                error_class = RateLimitError
-            elif status in (401, 403):
-                error_class = AuthenticationError
-            elif status >= 500:
-                error_class = ServerError
-            else:
-                error_class = APIError
-        return error_class(
-            msg,
-            code=code,
-            status_code=status,
+def _read_task_ids(response: httpx.Response, request: ImageRequest) -> tuple[str, ...]:
+    """The task IDs of a submit reply; an unreadable reply may hide created tasks."""
+    envelope = read_envelope(response, request=request, maybe_created=True)
+    try:
+        return decode_task_ids(envelope.data)
+    except WireFormatError as exc:
+        raise APIError(
+            f"unreadable submit reply: {exc}",
+            code=envelope.code,
+            status_code=response.status_code,
             request=request,
-            task_id=task_id,
             response=response,
-            maybe_created=maybe_created,
-            retry_after=retry_after,
-        )
+            maybe_created=True,
+        ) from None
 
 
 class _ClientCallbackServer(CallbackServer):
@@ -1068,19 +692,3 @@ class _ClientCallbackServer(CallbackServer):
             if self._client.callback_url == self.public_url:
                 self._client.callback_url = self._previous_callback_url
         await super().__aexit__(exc_type, exc, tb)
-
-
-def _code_and_msg(response: httpx.Response) -> tuple[int, str]:
-    """The business code and message of an error reply, falling back to the HTTP status."""
-    status = response.status_code
-    fallback = f"HTTP {status} {response.reason_phrase}".rstrip()
-    try:
-        envelope = decode_envelope(response.content, "error reply")
-    except WireFormatError:
-        return status, fallback
-    return envelope.code, envelope.msg or fallback
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

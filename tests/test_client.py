@@ -831,7 +831,7 @@ def test_bad_options_raise_naming_the_option(options: dict[str, object], message
 async def test_own_http_client_is_closed_and_injected_one_is_not() -> None:
     async with kx.AsyncKeevx(api_key="k") as own:
         pass
-    assert own._http.is_closed
+    assert own._engine.http.is_closed
     async with httpx.AsyncClient() as http:
         async with kx.AsyncKeevx(api_key="k", http_client=http):
             pass

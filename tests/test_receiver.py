@@ -52,10 +52,10 @@ def _submission(
 
     Returns the callback URL the service would POST to, and the tasks.
     """
-    submission_id, token = client._signer.issue()
+    submission_id, token = client._callbacks.signer.issue()
     tasks = [kx.Task(t, REQUEST, i, submission_id=submission_id) for i, t in enumerate(task_ids)]
     if register:
-        client._registry.register(tasks)
+        client._callbacks.registry.register(tasks)
     return attach_token(CALLBACK_URL, token, client.callback_token_in), tasks
 
 
@@ -159,7 +159,7 @@ async def test_early_callback_is_ok_and_applied_when_the_submission_registers() 
         assert response.status_code == 200
         assert client.stats.buffered == 1
         assert not tasks[0].done()
-        client._registry.register(tasks)
+        client._callbacks.registry.register(tasks)
         assert tasks[0].result().image_url == "https://cdn.test/i2is-a.png"
         assert client.stats.buffered == 0
 
@@ -191,7 +191,7 @@ async def test_path_token_placement_is_accepted() -> None:
 async def test_without_verification_callbacks_need_no_token() -> None:
     async with receiving(verify_callbacks=False) as (client, http):
         task = kx.Task("i2is-a", REQUEST, 0)
-        client._registry.register([task])
+        client._callbacks.registry.register([task])
 
         response = await http.post("/cb", json=_callback("i2is-a"))
 
@@ -305,7 +305,7 @@ async def test_early_callback_with_another_submissions_token_is_never_applied() 
         response = await http.post(_target(other_url), json=_callback("i2is-a"))
         assert response.status_code == 200  # buffered: the task is not known yet
 
-        client._registry.register(tasks)
+        client._callbacks.registry.register(tasks)
         assert not tasks[0].done()
         await http.post(_target(url), json=_callback("i2is-a"))
         assert tasks[0].done()

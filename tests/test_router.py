@@ -92,7 +92,7 @@ async def workers(
         finally:
             for client in reversed(clients):
                 await client.__aexit__(None, None, None)
-                await client._http.aclose()
+                await client._engine.http.aclose()
 
 
 async def eventually(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -498,13 +498,13 @@ async def test_connections_cut_mid_stream_lose_nothing(redis_prefix: str) -> Non
 async def test_a_router_that_is_not_running_refuses_to_route(redis_prefix: str) -> None:
     async with FakeKeevx(api_key=API_KEY, complete_after=60) as fake:
         client = worker(fake, redis_prefix)
-        url = CALLBACK_URL + "?keevx_token=" + client._signer.issue()[1]
+        url = CALLBACK_URL + "?keevx_token=" + client._callbacks.signer.issue()[1]
         with pytest.raises(kx.RouterError, match="not running"):
             await client.feed_callback(_callback("i2is-early"), url=url)
         with pytest.raises(kx.RouterError, match="not running"):
             await client.task("i2is-early")
         assert client.stats.router_errors == 1
-        await client._http.aclose()
+        await client._engine.http.aclose()
 
 
 # --- construction ----------------------------------------------------------------------
