@@ -20,6 +20,7 @@ import anyio.abc
 from ._exceptions import KeevxError, TaskTimeoutError
 from ._models import ImageRequest, ImageResult
 from ._task import Submission, Task
+from ._taskgroups import enter_task_group, exit_task_group
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -137,9 +138,7 @@ class Batch:
     async def __aenter__(self) -> Self:
         if self._task_group is not None:
             raise RuntimeError("a batch runs once: make a new one with client.batch(...)")
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
+        self._task_group = task_group = await enter_task_group()
         task_group.start_soon(self._produce)
         if self._timeout is not None:
             task_group.start_soon(self._expire_overdue, self._timeout)
@@ -153,11 +152,8 @@ class Batch:
     ) -> bool | None:
         task_group = self._task_group
         assert task_group is not None
-        task_group.cancel_scope.cancel()
         try:
-            # The block's own exception is not handed in, so it propagates as raised
-            # instead of wrapped in an exception group (children never raise).
-            await task_group.__aexit__(None, None, None)
+            await exit_task_group(task_group)  # children never raise
         finally:
             self._release()
         return None

@@ -44,6 +44,7 @@ from ._router import CallbackRouter, LocalRouter
 from ._server import CallbackServer
 from ._stats import ClientStats, Counters
 from ._task import Submission, Task, wait_all
+from ._taskgroups import enter_task_group, exit_task_group
 from ._throttle import Throttle
 from ._tokens import CallbackSigner, token_from_url
 from ._wire import (
@@ -272,9 +273,7 @@ class AsyncKeevx:
             raise RuntimeError("this AsyncKeevx is already entered: enter it once")
         shares = self.router.shares_callbacks
         if self._reconciler is not None or shares:
-            task_group = anyio.create_task_group()
-            await task_group.__aenter__()
-            self._task_group = task_group
+            self._task_group = task_group = await enter_task_group()
             try:
                 if shares:
                     await task_group.start(self.router.run, self._callbacks.router_host())
@@ -282,8 +281,7 @@ class AsyncKeevx:
                     await task_group.start(self._reconciler.run)
             except BaseException:
                 self._task_group = None
-                task_group.cancel_scope.cancel()
-                await task_group.__aexit__(None, None, None)
+                await exit_task_group(task_group)
                 raise
         return self
 
@@ -296,9 +294,7 @@ class AsyncKeevx:
         task_group, self._task_group = self._task_group, None
         try:
             if task_group is not None:
-                task_group.cancel_scope.cancel()
-                # The block's own exception is not passed in: it propagates as raised.
-                await task_group.__aexit__(None, None, None)
+                await exit_task_group(task_group)
         finally:
             await self.aclose()
 

@@ -29,6 +29,7 @@ import anyio
 from ._asgi import DEFAULT_SHUTDOWN_GRACE, http_url
 from ._eventloop import running_on_asyncio
 from ._models import check_http_url
+from ._taskgroups import enter_task_group, exit_task_group
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
@@ -387,8 +388,7 @@ class CallbackServer:
         # Made per start: a start that failed leaves the server as new, ready to retry.
         self._stop = stop = anyio.Event()
         ready = anyio.Event()
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
+        task_group = await enter_task_group()
         try:
             task_group.start_soon(
                 _run_server, serve, ready, self._gate, sock, self.shutdown_grace, stop
@@ -398,7 +398,7 @@ class CallbackServer:
             # A start that failed or was cancelled: a server that started anyway stops.
             stop.set()
             try:
-                await task_group.__aexit__(None, None, None)
+                await exit_task_group(task_group, cancel=False)
             except BaseException as exit_error:  # noqa: BLE001 - re-raised, unwrapped
                 raise _sole_error(exit_error) from None
             finally:
@@ -425,11 +425,9 @@ class CallbackServer:
         self._state = _CLOSING
         self._gate.close(self.shutdown_grace)
         stop.set()
-        # Shielded: the port must be freed even when the block was cancelled. The block's
-        # own exception is not passed in, so it propagates as raised.
-        task_group.cancel_scope.shield = True
+        # Shielded: the port must be freed even when the block was cancelled.
         try:
-            await task_group.__aexit__(None, None, None)
+            await exit_task_group(task_group, cancel=False, shield=True)
         finally:
             self._task_group = None
             self._state = _CLOSED
