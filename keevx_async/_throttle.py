@@ -1,8 +1,9 @@
 """Client-wide flow control: the pace of submits and the pause after a 429.
 
-The concurrency limit itself is an anyio ``CapacityLimiter`` held by the client; this
-module adds the two rules that apply to every HTTP attempt of the client, whichever
-``submit``, ``generate`` or batch it belongs to:
+The concurrency limit itself is a semaphore held by the client around each submit; this
+module adds the two rules that apply to the HTTP attempts of the client (the HTTP engine,
+``_http.py``, asks before each one), whichever ``submit``, ``generate`` or batch it
+belongs to:
 
 * **pace**: with ``max_per_second`` set, attempts start at least ``1 / max_per_second``
   apart: smooth, never a burst;
