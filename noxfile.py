@@ -39,7 +39,8 @@ def tests(session: nox.Session) -> None:
     """Run the test suite under coverage; fails below ``fail_under`` in pyproject.toml."""
     session.install(".[test]")
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", "pytest", *session.posargs)
+    # One pytest worker per core; coverage follows them (``patch = ["subprocess"]``).
+    session.run("coverage", "run", "-m", "pytest", "-n", "auto", *session.posargs)
     session.run("coverage", "combine")
     session.run("coverage", "report")
 

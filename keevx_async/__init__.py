@@ -14,7 +14,7 @@ async with kx.AsyncKeevx(callback_url="https://example.com/keevx/callback") as c
 from __future__ import annotations
 
 from ._batch import Batch
-from ._client import DEFAULT_BASE_URL, AsyncKeevx, ClientStats
+from ._client import DEFAULT_BASE_URL, AsyncKeevx
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -35,6 +35,7 @@ from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot
 from ._redis import RedisRouter
 from ._router import CallbackRouter, LocalRouter, RouterHost, TaskRecord
 from ._server import CallbackServer
+from ._stats import ClientStats
 from ._task import Submission, Task
 from ._version import __version__
 

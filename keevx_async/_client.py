@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
     from ._types import CallbackTokenIn
 
-__all__ = ["DEFAULT_BASE_URL", "AsyncKeevx", "ClientStats"]
+__all__ = ["DEFAULT_BASE_URL", "AsyncKeevx"]
 
 logger = logging.getLogger("keevx_async")
 
