@@ -24,7 +24,7 @@ from keevx_async.testing.__main__ import build_parser, main
 from keevx_async.testing._fake import MODERATION_MESSAGE, RANDOM_FAILURE_MESSAGE
 
 if TYPE_CHECKING:
-    from keevx_async.testing._http_server import Message, Receive, Scope, Send
+    from keevx_async._asgi import Message, Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
 

@@ -1,8 +1,10 @@
-"""Tests of serve_asgi, the anyio-only HTTP/1.1 server for ASGI apps used by the fake."""
+"""Tests of serve_asgi, the h11 + anyio HTTP/1.1 server for ASGI apps used by the fake."""
 
 from __future__ import annotations
 
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -17,7 +19,7 @@ from keevx_async.testing._http_server import _Server
 if TYPE_CHECKING:
     from anyio.abc import SocketStream
 
-    from keevx_async.testing._http_server import Receive, Scope, Send
+    from keevx_async._asgi import Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
 
@@ -88,7 +90,7 @@ async def is_closed_by_server(stream: SocketStream, reader: BufferedByteReceiveS
     """Whether the server closed the connection: it is still open if it answers another
     request, closed if it reports end of stream."""
     try:
-        await stream.send(b"GET /probe HTTP/1.1\r\n\r\n")
+        await stream.send(b"GET /probe HTTP/1.1\r\nHost: x\r\n\r\n")
         await read_response(reader)
     except (anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
         return True
@@ -160,31 +162,34 @@ async def test_connection_close_is_honoured() -> None:
     assert closed
 
 
-async def test_http_1_0_closes_unless_keep_alive_is_asked() -> None:
+async def test_http_1_0_is_served_and_closed_even_when_keep_alive_is_asked() -> None:
+    # h11 keeps only HTTP/1.1 connections alive (RFC 9112 leaves 1.0 keep-alive optional).
     async with serve_asgi(Recorder()) as server:
-        response, closed = await exchange(server.port, b"GET / HTTP/1.0\r\n\r\n")
-        assert response.status == 201
-        assert closed
-        response, closed = await exchange(
-            server.port, b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"
-        )
-        assert response.headers["connection"] == "keep-alive"
-        assert not closed
+        for raw_request in (
+            b"GET / HTTP/1.0\r\n\r\n",
+            b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n",
+        ):
+            response, closed = await exchange(server.port, raw_request)
+            assert response.status == 201
+            assert response.headers["connection"] == "close"
+            assert closed
 
 
 @pytest.mark.parametrize(
     ("raw_request", "status"),
     [
-        (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
         (b"GARBAGE\r\n\r\n", 400),
-        (b"GET noslash HTTP/1.1\r\n\r\n", 400),
+        (b"GET noslash HTTP/1.1\r\nHost: x\r\n\r\n", 400),
         (b"GET / HTTP/2.0\r\n\r\n", 505),
-        (b"GET / HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\nBad Name : x\r\n\r\n", 400),
-        (b"GET / HTTP/1.1\r\n: empty name\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-        (b"POST / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", 413),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nBad Name : x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n: empty name\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n", 413),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 requires Host
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
     ],
 )
 async def test_unservable_requests_are_answered_and_closed(raw_request: bytes, status: int) -> None:
@@ -212,10 +217,53 @@ async def test_repeated_identical_content_length_is_accepted() -> None:
     async with serve_asgi(app) as server:
         response, _ = await exchange(
             server.port,
-            b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
         )
     assert response.status == 201
     assert app.bodies == [b"ok", b""]  # the request, then the keep-alive probe
+
+
+async def test_chunked_request_bodies_are_read_whole() -> None:
+    app = Recorder()
+    async with serve_asgi(app) as server:
+        response, closed = await exchange(
+            server.port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+    assert response.status == 201
+    assert not closed
+    assert app.bodies == [b"hello world", b""]  # the request, then the keep-alive probe
+    assert (b"transfer-encoding", b"chunked") in app.scopes[0]["headers"]
+
+
+async def test_a_chunked_body_over_the_limit_gets_413() -> None:
+    app = Recorder()
+    size = 16 * 1024 * 1024 + 1
+    async with serve_asgi(app) as server:
+        response, closed = await exchange(
+            server.port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"%x\r\n" % size
+            + b"a" * size,
+        )
+    assert response.status == 413
+    assert closed
+    assert app.scopes == []
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    app = Recorder()
+    async with serve_asgi(app) as server:
+        async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
+            await stream.send(
+                b"POST /1 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\na"
+                b"POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nb"
+            )
+            reader = BufferedByteReceiveStream(stream)
+            first, second = await read_response(reader), await read_response(reader)
+    assert [first.headers["x-echo-path"], second.headers["x-echo-path"]] == ["/1", "/2"]
+    assert app.bodies == [b"a", b"b"]
 
 
 async def test_expect_100_continue_gets_an_interim_response() -> None:
@@ -224,7 +272,7 @@ async def test_expect_100_continue_gets_an_interim_response() -> None:
         async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
             reader = BufferedByteReceiveStream(stream)
             await stream.send(
-                b"POST / HTTP/1.1\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
             )
             interim = await reader.receive_until(b"\r\n\r\n", 1024)
             assert interim == b"HTTP/1.1 100 Continue"
@@ -238,11 +286,11 @@ async def test_head_response_has_length_but_no_body() -> None:
     async with serve_asgi(Recorder()) as server:
         async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
             reader = BufferedByteReceiveStream(stream)
-            await stream.send(b"HEAD / HTTP/1.1\r\n\r\n")
+            await stream.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
             head = await reader.receive_until(b"\r\n\r\n", 1024)
             assert b"content-length: 11" in head
             # The next response starts right away: no body bytes came in between.
-            await stream.send(b"GET / HTTP/1.1\r\n\r\n")
+            await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             response = await read_response(reader)
     assert response.body == b'{"ok":true}'
 
@@ -253,7 +301,7 @@ async def test_unknown_status_code_has_an_empty_reason() -> None:
         await send({"type": "http.response.body"})
 
     async with serve_asgi(app) as server, await anyio.connect_tcp("127.0.0.1", server.port) as s:
-        await s.send(b"GET / HTTP/1.1\r\n\r\n")
+        await s.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         head = await BufferedByteReceiveStream(s).receive_until(b"\r\n", 1024)
     assert head == b"HTTP/1.1 599 "
 
@@ -281,8 +329,27 @@ async def _start_twice(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.start", "status": 200})
 
 
+async def _invalid_header(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"x", b"a\r\nb")]})
+    await send({"type": "http.response.body", "body": b"x"})
+
+
+async def _informational_status(scope: Scope, receive: Receive, send: Send) -> None:
+    await send({"type": "http.response.start", "status": 103})
+    await send({"type": "http.response.body", "body": b"x"})
+
+
 @pytest.mark.parametrize(
-    "app", [_raises, _no_response, _body_before_start, _body_after_complete, _start_twice]
+    "app",
+    [
+        _raises,
+        _no_response,
+        _body_before_start,
+        _body_after_complete,
+        _start_twice,
+        _invalid_header,
+        _informational_status,
+    ],
 )
 async def test_broken_applications_give_500_and_the_server_keeps_serving(
     app: Any, caplog: pytest.LogCaptureFixture
@@ -298,7 +365,7 @@ async def test_broken_applications_give_500_and_the_server_keeps_serving(
 
 async def test_exit_releases_the_port_and_refuses_new_connections() -> None:
     async with serve_asgi(Recorder()) as server:
-        response, _ = await exchange(server.port, b"GET / HTTP/1.1\r\n\r\n")
+        response, _ = await exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         assert response.status == 201
     with pytest.raises(OSError):  # noqa: PT011 - the errno differs across platforms
         await anyio.connect_tcp("127.0.0.1", server.port)
@@ -309,7 +376,7 @@ async def test_exit_releases_the_port_and_refuses_new_connections() -> None:
 async def test_exit_closes_idle_keep_alive_connections_at_once() -> None:
     async with serve_asgi(Recorder()) as server:
         stream = await anyio.connect_tcp("127.0.0.1", server.port)
-        await stream.send(b"GET / HTTP/1.1\r\n\r\n")
+        await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         reader = BufferedByteReceiveStream(stream)
         assert (await read_response(reader)).status == 201
     async with stream:
@@ -366,12 +433,35 @@ async def test_clients_that_vanish_mid_request_do_not_disturb_the_server() -> No
     app = Recorder()
     async with serve_asgi(app) as server:
         async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
-            await stream.send(b"POST / HTTP/1.1\r\nContent-Len")
+            await stream.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Len")
         async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
-            await stream.send(b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
-        response, _ = await exchange(server.port, b"GET / HTTP/1.1\r\n\r\n")
+            await stream.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+        response, _ = await exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert response.status == 201
     assert [scope["path"] for scope in app.scopes] == ["/", "/probe"]
+
+
+async def test_a_client_reset_before_its_answer_only_closes_that_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client_gone = anyio.Event()
+
+    async def answer_late(scope: Scope, receive: Receive, send: Send) -> None:
+        await client_gone.wait()
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"x" * 65536})
+
+    caplog.set_level(logging.DEBUG, logger="keevx_async.testing._http_server")
+    async with serve_asgi(answer_late) as server:
+        stream = await anyio.connect_tcp("127.0.0.1", server.port)
+        await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await anyio.wait_all_tasks_blocked()  # the request is with the application
+        # Linger 0: closing sends a reset, so the server's write fails instead of landing.
+        raw = stream.extra(SocketAttribute.raw_socket)  # noqa: S610 - not Django
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await stream.aclose()
+        client_gone.set()
+    assert "connection lost" in caplog.text
 
 
 async def test_a_connection_accepted_during_shutdown_is_closed_unserved() -> None:

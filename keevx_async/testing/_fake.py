@@ -32,14 +32,7 @@ from keevx_async._types import (
     MAX_REFERENCE_IMAGES,
     MODULES,
 )
-from keevx_async.testing._http_server import (
-    LoopbackServer,
-    Message,
-    Receive,
-    Scope,
-    Send,
-    serve_asgi,
-)
+from keevx_async.testing._http_server import LoopbackServer, serve_asgi
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -47,6 +40,8 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
     from typing_extensions import Self
+
+    from keevx_async._asgi import Message, Receive, Scope, Send
 
 __all__ = ["CallbackSink", "FakeKeevx", "FakeTask"]
 

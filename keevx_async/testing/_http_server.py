@@ -1,54 +1,55 @@
 """A small, test-grade HTTP/1.1 server that runs any ASGI 3 application on a local socket.
 
 It exists so that [`FakeKeevx`][keevx_async.testing.FakeKeevx] (or a test's own callback
-receiver) can be reached over a real TCP connection without a third-party server: it uses
-only `anyio`, so it runs under asyncio and trio alike. It is deliberately small:
-bodies are framed by ``Content-Length`` only (chunked requests get 501), responses are
-buffered and sent with a ``Content-Length``, and there is no TLS. Do not expose it to a
-network you do not control.
+receiver) can be reached over a real TCP connection without a third-party server. The
+protocol is h11's (the sans-IO HTTP/1.1 state machine under httpcore and hypercorn, installed
+with httpx): it parses requests, frames bodies (``Content-Length`` or chunked) and decides
+keep-alive, so there is no parser of ours to get wrong. Everything else is `anyio`, so the
+server runs under asyncio and trio alike. It stays deliberately small: request bodies are
+read whole before the application runs, responses are buffered and sent with a
+``Content-Length``, and there is no TLS. Do not expose it to a network you do not control.
 """
 
 from __future__ import annotations
 
 import http
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote
 
 import anyio
 import attrs
-from anyio.abc import SocketAttribute, SocketStream
-from anyio.streams.buffered import BufferedByteReceiveStream
+import h11
+from anyio.abc import SocketAttribute
 
-__all__ = ["ASGIApp", "LoopbackServer", "Message", "Receive", "Scope", "Send", "serve_asgi"]
+from keevx_async._asgi import DEFAULT_SHUTDOWN_GRACE, http_url
 
-Scope = MutableMapping[str, Any]
-"""An ASGI connection scope."""
-Message = MutableMapping[str, Any]
-"""An ASGI event (sent or received)."""
-Receive = Callable[[], Awaitable[Message]]
-"""The ASGI ``receive`` callable."""
-Send = Callable[[Message], Awaitable[None]]
-"""The ASGI ``send`` callable."""
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-"""An ASGI 3 application."""
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from anyio.abc import SocketStream
+
+    from keevx_async._asgi import ASGIApp, Message, Scope
+
+__all__ = ["LoopbackServer", "serve_asgi"]
 
 MAX_HEADER_BYTES: Final = 64 * 1024
+"""A request head still incomplete after this many bytes is refused with 431."""
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024
-DEFAULT_SHUTDOWN_GRACE: Final = 5.0
+"""A request body longer than this is refused with 413."""
 
-_REASON_PHRASES: Final = {status.value: status.phrase for status in http.HTTPStatus}
+_RECEIVE_BYTES: Final = 64 * 1024
+_Outgoing = h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
+_REASON_PHRASES: Final = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 # Framing headers are the server's job: whatever the application says about them is dropped
 # and replaced by the values that match what is actually written.
 _SERVER_OWNED_HEADERS: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_PLAIN_TEXT: Final = (b"content-type", b"text/plain; charset=utf-8")
 # A peer that goes away mid-request surfaces as one of these; the connection is just closed.
 _CONNECTION_LOST: Final = (
     anyio.BrokenResourceError,
     anyio.ClosedResourceError,
-    anyio.EndOfStream,
-    anyio.IncompleteRead,
     OSError,
 )
 
@@ -69,125 +70,92 @@ class LoopbackServer:
     @property
     def url(self) -> str:
         """The server's base URL, without a trailing slash."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return http_url(self.host, self.port)
 
 
-class _BadRequestError(Exception):
-    """A request that cannot be served; the connection is answered and closed."""
+class _RequestRefusedError(Exception):
+    """A request h11 parsed but this server will not serve; answered, then closed."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
         self.status = status
-        self.detail = detail
-
-
-@attrs.define
-class _RequestHead:
-    method: str
-    http_version: str
-    raw_path: bytes
-    query_string: bytes
-    headers: list[tuple[bytes, bytes]]
-
-    def values(self, name: bytes) -> list[bytes]:
-        return [value for key, value in self.headers if key == name]
 
 
 @attrs.define
 class _Response:
-    status: int | None = None
-    headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
+    """What the application sent, validated by h11 as it arrived."""
+
+    head: h11.Response | None = None
     body_parts: list[bytes] = attrs.Factory(list)
     complete: bool = False
 
 
-class _ConnectionState:
-    """What shutdown needs to know about one connection."""
+def _internal_error() -> _Response:
+    return _Response(
+        head=h11.Response(status_code=500, headers=[_PLAIN_TEXT], reason=_REASON_PHRASES[500]),
+        body_parts=[b"Internal Server Error\n"],
+        complete=True,
+    )
 
-    __slots__ = ("idle_scope",)
 
-    def __init__(self) -> None:
+class _Connection:
+    """One client connection: h11's state machine, fed from and written to the socket."""
+
+    __slots__ = ("h11", "idle_scope", "stream")
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        # h11 refuses a buffer *longer* than its limit; ours is "not complete at 64 KiB".
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES - 1)
         # Set while the connection waits for the next request: shutdown cancels it so
         # that idle keep-alive connections close at once instead of at the grace deadline.
         self.idle_scope: anyio.CancelScope | None = None
 
+    async def next_event(self) -> h11.Event:
+        """The next h11 event, reading from the socket as needed (EOF included)."""
+        while True:
+            event = self.h11.next_event()
+            if isinstance(event, h11.Event):
+                return event
+            # Never PAUSED: the next request is only read after start_next_cycle().
+            assert event is h11.NEED_DATA
+            if self.h11.they_are_waiting_for_100_continue:
+                await self.send(
+                    h11.InformationalResponse(
+                        status_code=100, headers=[], reason=_REASON_PHRASES[100]
+                    )
+                )
+            try:
+                data = await self.stream.receive(_RECEIVE_BYTES)
+            except anyio.EndOfStream:
+                data = b""
+            self.h11.receive_data(data)
 
-def _parse_head(head: bytes) -> _RequestHead:
-    """Parse a request line and header block (without the final blank line)."""
-    request_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parts = request_line.split(" ")
-    if len(parts) != 3 or not parts[1].startswith("/"):
-        raise _BadRequestError(400, "malformed request line")
-    method, target, version = parts
-    if version not in ("HTTP/1.0", "HTTP/1.1"):
-        raise _BadRequestError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
-    headers: list[tuple[bytes, bytes]] = []
-    for line in header_lines:
-        name, colon, value = line.partition(":")
-        # A name with surrounding whitespace is a request-smuggling vector (RFC 9112 5.1).
-        if not colon or not name or name != name.strip():
-            raise _BadRequestError(400, "malformed header line")
-        headers.append((name.lower().encode("latin-1"), value.strip(" \t").encode("latin-1")))
-    raw_path, _, query = target.partition("?")
-    return _RequestHead(
-        method=method.upper(),
-        http_version=version.removeprefix("HTTP/"),
-        raw_path=raw_path.encode("latin-1"),
-        query_string=query.encode("latin-1"),
-        headers=headers,
-    )
+    async def send(self, *events: _Outgoing) -> None:
+        await self.stream.send(b"".join(self.h11.send(event) for event in events))
 
+    async def answer(self, head: h11.Response, body: bytes, *, include_body: bool) -> None:
+        """Send a whole response, framed by ``Content-Length``."""
+        events: list[_Outgoing] = [head]
+        if include_body and body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        await self.send(*events)
 
-def _body_length(head: _RequestHead) -> int:
-    """How many body bytes follow the head, per ``Content-Length`` (0 when absent)."""
-    if head.values(b"transfer-encoding"):
-        raise _BadRequestError(501, "Transfer-Encoding is not supported: send Content-Length")
-    lengths = set(head.values(b"content-length"))
-    if not lengths:
-        return 0
-    length = lengths.pop()
-    if lengths or not length.isdigit():
-        raise _BadRequestError(400, "invalid Content-Length")
-    if int(length) > MAX_BODY_BYTES:
-        raise _BadRequestError(413, "request body too large")
-    return int(length)
-
-
-def _wants_keep_alive(head: _RequestHead) -> bool:
-    tokens = {
-        token.strip().lower() for value in head.values(b"connection") for token in value.split(b",")
-    }
-    if head.http_version == "1.1":
-        return b"close" not in tokens
-    return b"keep-alive" in tokens
-
-
-def _encode_response(
-    status: int,
-    headers: list[tuple[bytes, bytes]],
-    body: bytes,
-    *,
-    keep_alive: bool,
-    include_body: bool = True,
-) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASON_PHRASES.get(status, '')}".encode("latin-1")]
-    lines.extend(
-        name + b": " + value for name, value in headers if name not in _SERVER_OWNED_HEADERS
-    )
-    lines.append(b"content-length: %d" % len(body))
-    lines.append(b"connection: keep-alive" if keep_alive else b"connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n" + (body if include_body else b"")
-
-
-def _plain_error(status: int, detail: str) -> bytes:
-    """A complete ``text/plain`` error response that closes the connection."""
-    return _encode_response(
-        status,
-        [(b"content-type", b"text/plain; charset=utf-8")],
-        detail.encode() + b"\n",
-        keep_alive=False,
-    )
+    async def refuse(self, status: int, detail: str) -> None:
+        """Answer a request that cannot be served with a ``text/plain`` error; the
+        connection closes afterwards. Only called before anything of a response was sent."""
+        body = detail.encode() + b"\n"
+        head = h11.Response(
+            status_code=status,
+            headers=[
+                _PLAIN_TEXT,
+                (b"content-length", b"%d" % len(body)),
+                (b"connection", b"close"),
+            ],
+            reason=_REASON_PHRASES.get(status, b""),
+        )
+        await self.answer(head, body, include_body=True)
 
 
 def _address(value: Any) -> tuple[str, int]:
@@ -196,19 +164,66 @@ def _address(value: Any) -> tuple[str, int]:
     return (str(host), int(port))
 
 
+def _check_servable(request: h11.Request) -> None:
+    """Refuse what h11 accepts but an ASGI ``http`` scope cannot describe."""
+    if request.http_version not in (b"1.0", b"1.1"):
+        raise _RequestRefusedError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    # Only origin-form ("/path?query"): no absolute URLs, authority or "*" targets.
+    if not request.target.startswith(b"/"):
+        raise _RequestRefusedError(400, "the request target must be a path")
+    for name, value in request.headers:
+        # h11 has checked that it is a number, and the only one.
+        if name == b"content-length" and int(value) > MAX_BODY_BYTES:
+            raise _RequestRefusedError(413, "request body too large")
+
+
+async def _read_body(connection: _Connection) -> bytes:
+    """The whole request body, whether framed by ``Content-Length`` or chunked."""
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        event = await connection.next_event()
+        if isinstance(event, h11.EndOfMessage):
+            return b"".join(parts)
+        assert isinstance(event, h11.Data)
+        size += len(event.data)
+        if size > MAX_BODY_BYTES:  # only a chunked body gets this far
+            raise _RequestRefusedError(413, "request body too large")
+        parts.append(bytes(event.data))
+
+
+def _scope(request: h11.Request, client: tuple[str, int], server: tuple[str, int]) -> Scope:
+    raw_path, _, query_string = bytes(request.target).partition(b"?")
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": request.http_version.decode(),
+        "method": request.method.decode("ascii").upper(),
+        "scheme": "http",
+        "path": unquote(raw_path.decode("latin-1")),
+        "raw_path": raw_path,
+        "query_string": query_string,
+        "root_path": "",
+        # h11 gives the names lowercased, as ASGI wants them.
+        "headers": [(bytes(name), bytes(value)) for name, value in request.headers],
+        "client": client,
+        "server": server,
+    }
+
+
 class _Server:
     def __init__(self, app: ASGIApp) -> None:
         self._app = app
-        self._connections: set[_ConnectionState] = set()
+        self._connections: set[_Connection] = set()
         self._closing = False
         self._all_closed = anyio.Event()
 
     def begin_shutdown(self) -> None:
         """Stop serving new requests; close idle connections now, busy ones when done."""
         self._closing = True
-        for state in self._connections:
-            if state.idle_scope is not None:
-                state.idle_scope.cancel()
+        for connection in self._connections:
+            if connection.idle_scope is not None:
+                connection.idle_scope.cancel()
         if not self._connections:
             self._all_closed.set()
 
@@ -216,71 +231,62 @@ class _Server:
         await self._all_closed.wait()
 
     async def handle_connection(self, stream: SocketStream) -> None:
-        state = _ConnectionState()
-        self._connections.add(state)
+        connection = _Connection(stream)
+        self._connections.add(connection)
         try:
             async with stream:
-                await self._serve_requests(stream, state)
+                await self._serve_requests(connection)
         except _CONNECTION_LOST:
             logger.debug("connection lost", exc_info=True)
         finally:
-            self._connections.discard(state)
+            self._connections.discard(connection)
             if self._closing and not self._connections:
                 self._all_closed.set()
 
-    async def _serve_requests(self, stream: SocketStream, state: _ConnectionState) -> None:
-        reader = BufferedByteReceiveStream(stream)
+    async def _serve_requests(self, connection: _Connection) -> None:
+        stream = connection.stream
         client = _address(stream.extra(SocketAttribute.remote_address))  # noqa: S610 - not Django
         server = _address(stream.extra(SocketAttribute.local_address))  # noqa: S610 - not Django
-        while not self._closing:
-            with anyio.CancelScope() as idle_scope:
-                state.idle_scope = idle_scope
-                try:
-                    raw_head = await reader.receive_until(b"\r\n\r\n", MAX_HEADER_BYTES)
-                except anyio.DelimiterNotFound:
-                    await stream.send(_plain_error(431, "request header fields too large"))
+        try:
+            while not self._closing:
+                with anyio.CancelScope() as idle_scope:
+                    connection.idle_scope = idle_scope
+                    event = await connection.next_event()
+                connection.idle_scope = None
+                if idle_scope.cancelled_caught or isinstance(event, h11.ConnectionClosed):
                     return
-            state.idle_scope = None
-            if idle_scope.cancelled_caught:
-                return
-            try:
-                head = _parse_head(raw_head)
-                body_length = _body_length(head)
-            except _BadRequestError as exc:
-                await stream.send(_plain_error(exc.status, exc.detail))
-                return
-            if body_length and b"100-continue" in head.values(b"expect"):
-                await stream.send(b"HTTP/1.1 100 Continue\r\n\r\n")
-            body = await reader.receive_exactly(body_length) if body_length else b""
-            keep_alive = _wants_keep_alive(head)
-            scope: Scope = {
-                "type": "http",
-                "asgi": {"version": "3.0", "spec_version": "2.3"},
-                "http_version": head.http_version,
-                "method": head.method,
-                "scheme": "http",
-                "path": unquote(head.raw_path.decode("latin-1")),
-                "raw_path": head.raw_path,
-                "query_string": head.query_string,
-                "root_path": "",
-                "headers": head.headers,
-                "client": client,
-                "server": server,
-            }
-            response = await self._run_app(scope, body)
-            # Re-read the flag: shutdown may have begun while the application ran.
-            keep_alive = keep_alive and not self._closing
-            await stream.send(
-                _encode_response(
-                    response.status or 500,
-                    response.headers,
-                    b"".join(response.body_parts),
-                    keep_alive=keep_alive,
-                    include_body=head.method != "HEAD",
-                )
-            )
-            if not keep_alive:
-                return
+                assert isinstance(event, h11.Request)
+                _check_servable(event)
+                body = await _read_body(connection)
+                response = await self._run_app(_scope(event, client, server), body)
+                await self._answer(connection, event, response)
+                if connection.h11.our_state is not h11.DONE:  # h11 decided: no keep-alive
+                    return
+                connection.h11.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            await connection.refuse(exc.error_status_hint, str(exc))
+        except _RequestRefusedError as exc:
+            await connection.refuse(exc.status, str(exc))
+
+    async def _answer(
+        self, connection: _Connection, request: h11.Request, response: _Response
+    ) -> None:
+        head = response.head
+        assert head is not None
+        body = b"".join(response.body_parts)
+        # Re-read the flag: shutdown may have begun while the application ran. h11 turns
+        # keep-alive into close by itself when the client asked for that (or spoke 1.0).
+        connection_header = b"close" if self._closing else b"keep-alive"
+        headers = [
+            *((name, value) for name, value in head.headers if name not in _SERVER_OWNED_HEADERS),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", connection_header),
+        ]
+        await connection.answer(
+            h11.Response(status_code=head.status_code, headers=headers, reason=head.reason),
+            body,
+            include_body=request.method != b"HEAD",
+        )
 
     async def _run_app(self, scope: Scope, body: bytes) -> _Response:
         response = _Response()
@@ -299,13 +305,18 @@ class _Server:
 
         async def send(message: Message) -> None:
             kind = message["type"]
-            if kind == "http.response.start" and response.status is None:
-                response.status = int(message["status"])
-                response.headers = [
-                    (bytes(name).lower(), bytes(value))
-                    for name, value in message.get("headers", ())
-                ]
-            elif kind == "http.response.body" and response.status is not None:
+            if kind == "http.response.start" and response.head is None:
+                status = int(message["status"])
+                try:
+                    # h11 validates the status and every header name and value here.
+                    response.head = h11.Response(
+                        status_code=status,
+                        headers=list(message.get("headers", ())),
+                        reason=_REASON_PHRASES.get(status, b""),
+                    )
+                except h11.LocalProtocolError as exc:
+                    raise RuntimeError(f"invalid ASGI response start: {exc}") from exc
+            elif kind == "http.response.body" and response.head is not None:
                 if response.complete:
                     raise RuntimeError("ASGI response body sent after the response was complete")
                 response.body_parts.append(bytes(message.get("body", b"")))
@@ -319,22 +330,13 @@ class _Server:
             await self._app(scope, receive, send)
         except Exception:
             logger.exception("ASGI application raised; answering 500")
-            return _error_response()
+            return _internal_error()
         finally:
             response_done.set()
         if not response.complete:
             logger.error("ASGI application returned without a complete response; answering 500")
-            return _error_response()
+            return _internal_error()
         return response
-
-
-def _error_response() -> _Response:
-    return _Response(
-        status=500,
-        headers=[(b"content-type", b"text/plain; charset=utf-8")],
-        body_parts=[b"Internal Server Error\n"],
-        complete=True,
-    )
 
 
 @asynccontextmanager
@@ -349,11 +351,12 @@ async def serve_asgi(
 
     ``port=0`` picks a free port; the yielded
     [`LoopbackServer`][keevx_async.testing.LoopbackServer] has the real one.
-    Each connection runs in its own task; connections are kept alive unless the client
-    sends ``Connection: close`` (or speaks HTTP/1.0 without asking for keep-alive).
-    Request bodies must be framed by ``Content-Length`` (chunked: 501), header blocks are
-    limited to 64 KiB (431) and bodies to 16 MiB (413). An exception from the application
-    is logged and answered with 500.
+    Each connection runs in its own task; HTTP/1.1 connections are kept alive unless the
+    client sends ``Connection: close`` (HTTP/1.0 connections close after one response).
+    Request bodies may be framed by ``Content-Length`` or chunked; header blocks are
+    limited to 64 KiB (431) and bodies to 16 MiB (413), and a request h11 cannot parse is
+    answered with 400 before the connection closes. An exception from the application is
+    logged and answered with 500.
 
     Leaving the block stops accepting at once and releases the port, closes idle
     connections, and gives requests being handled up to ``shutdown_grace`` seconds to
