@@ -21,7 +21,7 @@ import keevx_async as kx
 from keevx_async._types import IMAGE_QUALITIES, IMAGE_RATIOS
 from keevx_async.testing import FakeKeevx, FakeTask, serve_asgi
 from keevx_async.testing.__main__ import build_parser, main
-from keevx_async.testing._fake import MODERATION_MESSAGE, RANDOM_FAILURE_MESSAGE
+from keevx_async.testing._rules import MODERATION_MESSAGE, RANDOM_FAILURE_MESSAGE
 
 if TYPE_CHECKING:
     from keevx_async._asgi import Message, Receive, Scope, Send

@@ -30,7 +30,9 @@ emulator as a standalone server.
 
 from __future__ import annotations
 
-from keevx_async.testing._fake import CallbackSink, FakeKeevx, FakeTask
+from keevx_async.testing._deliverer import CallbackSink
+from keevx_async.testing._fake import FakeKeevx
 from keevx_async.testing._http_server import LoopbackServer, serve_asgi
+from keevx_async.testing._task import FakeTask
 
 __all__ = ["CallbackSink", "FakeKeevx", "FakeTask", "LoopbackServer", "serve_asgi"]

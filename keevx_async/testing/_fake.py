@@ -4,35 +4,48 @@ The emulator applies the service's own rules (request validation, envelopes, tas
 task-state GET endpoint, one callback per finished task) and adds fault knobs so that code
 built on the service can be tested against its hard cases: latency, scripted HTTP errors,
 failed tasks, and callbacks that arrive early, twice, out of order or never.
+
+This module is the composition: the ASGI routes, the public knobs and counters, and the
+fates drawn for each new task. The parts it wires live one concept per module: the
+service's contract in `_rules`, the task record in `_task`, scripted faults in `_faults`,
+finishing tasks on time in `_scheduler`, and calling them back in `_deliverer`.
 """
 
 from __future__ import annotations
 
-import heapq
+import functools
 import itertools
 import json
-import math
 import random
-import secrets
 import uuid
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
-import attrs
 import httpx
 
 from keevx_async._client import AsyncKeevx
-from keevx_async._types import (
-    FINISHED_OK,
-    IMAGE_QUALITIES,
-    IMAGE_RATIOS,
-    MAX_GENERATE_COUNT,
-    MAX_PROMPT_LENGTH,
-    MAX_REFERENCE_IMAGES,
-    MODULES,
-)
+from keevx_async.testing._deliverer import CallbackDeliverer
+from keevx_async.testing._faults import FaultScript
 from keevx_async.testing._http_server import LoopbackServer, serve_asgi
+from keevx_async.testing._rules import (
+    MODERATION_MESSAGE,
+    RANDOM_FAILURE_MESSAGE,
+    SUBMIT_PATH,
+    TASK_ID_PREFIX,
+    Reply,
+    auth_error,
+    error_reply,
+    method_not_allowed,
+    ok_reply,
+    parameter_error,
+    parse_json_object,
+    task_not_found,
+    task_snapshot,
+    validate,
+)
+from keevx_async.testing._scheduler import Scheduler
+from keevx_async.testing._task import FakeTask, PlannedTask
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -42,168 +55,16 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from keevx_async._asgi import Message, Receive, Scope, Send
+    from keevx_async.testing._deliverer import CallbackSink, Recipient
+    from keevx_async.testing._faults import Route
 
-__all__ = ["CallbackSink", "FakeKeevx", "FakeTask"]
+__all__ = ["FakeKeevx"]
 
 IN_PROCESS_BASE_URL: Final = "https://api.fake.keevx.test"
 """``base_url`` of a fake that is not served on a socket (reached through ASGITransport)."""
 DEFAULT_IMAGE_BASE_URL: Final = "https://images.fake.keevx.test"
 EXAMPLE_CALLBACK_URL: Final = "https://app.example.test/keevx/callback"
 """The ``callback_url`` of clients made by ``FakeKeevx.client`` unless told otherwise."""
-SUBMIT_PATH: Final = "/v1/image_generate"
-TASK_ID_PREFIX: Final = "i2is-"
-GENERATING: Final = "GENERATING"
-FAILED: Final = "FAILED"
-CODE_OK: Final = 0
-CODE_PARAMETER_ERROR: Final = 100001
-CODE_TASK_NOT_FOUND: Final = 110002
-MODERATION_MESSAGE: Final = "content moderation rejected the prompt"
-"""``error_message`` of tasks failed by ``fail_if``."""
-RANDOM_FAILURE_MESSAGE: Final = "image processing error: generation failed"
-"""``error_message`` of tasks failed by ``fail_rate``."""
-
-# The service's defaults for the optional request fields.
-_DEFAULT_MODULE: Final = "std"
-_DEFAULT_GENERATE_COUNT: Final = 1
-_DEFAULT_IMAGE_QUALITY: Final = "2K"
-_DEFAULT_IMAGE_RATIO: Final = "9:16"
-
-
-class CallbackSink(Protocol):
-    """Anything [`FakeKeevx.deliver_into`][keevx_async.testing.FakeKeevx.deliver_into] can hand
-    callbacks to (e.g. the SDK client).
-    """
-
-    async def feed_callback(self, body: bytes, /, *, url: str) -> object:
-        """Take one callback: the exact body bytes and the URL it would be POSTed to."""
-        ...
-
-
-@attrs.define
-class FakeTask:
-    """One task created by [`FakeKeevx`][keevx_async.testing.FakeKeevx], with what happened to it
-    so far.
-
-    ``body`` is the validated request (defaults filled in, ``reference_images`` cut to
-    five); ``index`` is the task's position among its request's task IDs. ``status`` is
-    ``"GENERATING"`` until ``finished_at`` is set, then ``"SUCCEEDED"`` or ``"FAILED"``.
-    ``lost`` tasks are never called back; ``duplicated`` ones are called back twice.
-    ``callbacks_sent`` counts successful deliveries of this task's callback.
-    """
-
-    task_id: str
-    prompt: str
-    body: dict[str, Any]
-    index: int
-    callback_url: str | None
-    created_at: float
-    status: str = GENERATING
-    image_url: str = ""
-    thumbnail_url: str = ""
-    error_message: str = ""
-    finished_at: float | None = None
-    callbacks_sent: int = 0
-    lost: bool = False
-    duplicated: bool = False
-
-
-@attrs.define
-class _Fault:
-    status: int
-    times: int
-    retry_after: float | str | None
-    create: bool
-    route: Literal["submit", "get"]
-
-
-@attrs.define(eq=False)
-class _Planned:
-    """A created task and how it will finish."""
-
-    task: FakeTask
-    failure: str | None  # error_message when the task will fail, else None
-    submission: int  # groups the tasks of one submit, so they are delivered in order
-    delay: float  # seconds from creation until the task finishes
-
-
-@attrs.define
-class _Reply:
-    status: int
-    payload: dict[str, Any]
-    headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
-
-
-def _envelope(code: int, msg: str, data: object = None) -> dict[str, Any]:
-    return {"code": code, "msg": msg, "data": data}
-
-
-def _error_reply(status: int, msg: str, *, code: int | None = None) -> _Reply:
-    return _Reply(status, _envelope(status if code is None else code, msg))
-
-
-def _format_retry_after(value: float | str) -> str:
-    if isinstance(value, str):
-        return value
-    # Seconds without float noise: 2.0 -> "2", 0.25 -> "0.25" (never exponent notation).
-    return format(value, "f").rstrip("0").rstrip(".")
-
-
-def _optional(body: dict[str, Any], field: str, default: object) -> Any:
-    # The service treats an explicit null like an absent optional field.
-    value = body.get(field)
-    return default if value is None else value
-
-
-def _validate(body: dict[str, Any]) -> dict[str, Any] | str:
-    """Apply the service's rules to a submit body: the normalised request, or an error."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        return "prompt is required and must be a string"
-    if not 1 <= len(prompt) <= MAX_PROMPT_LENGTH:
-        return f"prompt must be 1..{MAX_PROMPT_LENGTH} characters, got {len(prompt)}"
-    reference_images = _optional(body, "reference_images", [])
-    if not isinstance(reference_images, list) or not all(
-        isinstance(url, str) for url in reference_images
-    ):
-        return "reference_images must be a list of URL strings"
-    module = _optional(body, "module", _DEFAULT_MODULE)
-    if module not in MODULES:
-        return f"module must be one of {', '.join(MODULES)}"
-    generate_count = _optional(body, "generate_count", _DEFAULT_GENERATE_COUNT)
-    # bool is an int subclass, but JSON true is not a count.
-    if (
-        isinstance(generate_count, bool)
-        or not isinstance(generate_count, int)
-        or not 1 <= generate_count <= MAX_GENERATE_COUNT
-    ):
-        return f"generate_count must be an integer in 1..{MAX_GENERATE_COUNT}"
-    image_quality = _optional(body, "image_quality", _DEFAULT_IMAGE_QUALITY)
-    if image_quality not in IMAGE_QUALITIES:
-        return f"image_quality must be one of {', '.join(IMAGE_QUALITIES)}"
-    image_ratio = _optional(body, "image_ratio", _DEFAULT_IMAGE_RATIO)
-    if image_ratio not in IMAGE_RATIOS:
-        return f"image_ratio must be one of {', '.join(IMAGE_RATIOS)}"
-    callback_url = body.get("callback_url")
-    if callback_url is not None and not isinstance(callback_url, str):
-        return "callback_url must be a URL string"
-    return {
-        "prompt": prompt,
-        # The service silently keeps the first five; the SDK refuses more instead.
-        "reference_images": reference_images[:MAX_REFERENCE_IMAGES],
-        "module": module,
-        "generate_count": generate_count,
-        "image_quality": image_quality,
-        "image_ratio": image_ratio,
-        "callback_url": callback_url or None,
-    }
-
-
-def _parse_json_object(raw_body: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = json.loads(raw_body)
-    except ValueError:  # invalid JSON and invalid UTF-8 alike
-        return None
-    return parsed if isinstance(parsed, dict) else None
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -218,7 +79,7 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-async def _send_reply(send: Send, reply: _Reply) -> None:
+async def _send_reply(send: Send, reply: Reply) -> None:
     body = json.dumps(reply.payload).encode()
     headers = [
         (b"content-type", b"application/json"),
@@ -320,10 +181,9 @@ class FakeKeevx:
     delivery_failures: list[tuple[str, str]]
     """``(task_id, reason)`` for every delivery that failed."""
 
-    # Made on first entering, when an event loop is sure to run; nothing can schedule or
-    # deliver before that, because a fake that is not running refuses every request.
-    _limiter: anyio.CapacityLimiter
-    _wakeup: anyio.Event
+    # Made on entering, when an event loop is sure to run; nothing can deliver before
+    # that, because a fake that is not running refuses every request.
+    _deliverer: CallbackDeliverer
 
     def __init__(
         self,
@@ -366,18 +226,15 @@ class FakeKeevx:
         self.reset_metrics()
         # Every task ever created, for GET: unlike ``tasks`` it survives reset_metrics().
         self._registry: dict[str, FakeTask] = {}
-        self._faults: list[_Fault] = []
+        self._faults = FaultScript()
         self._callback_target: CallbackSink | None = None
         self._served_url: str | None = None
 
         self._task_group: TaskGroup | None = None
         self._owned_client: httpx.AsyncClient | None = None
         self._lifespan_entered = False
-        # Tasks waiting to finish: (due time, tie-breaker, task), earliest first. One
-        # scheduler loop sleeps until the head is due; ``_wakeup`` (made on entering)
-        # interrupts that sleep when a push makes an earlier item the head.
-        self._due: list[tuple[float, int, _Planned]] = []
-        self._sequence = itertools.count()
+        # Tasks waiting to finish; it outlives a session, so they resume on re-entering.
+        self._scheduler = Scheduler()
         self._submissions = itertools.count()
         # Outstanding work for wait_idle(): submit requests being handled plus tasks whose
         # finishing and callbacks are not done yet.
@@ -421,7 +278,7 @@ class FakeKeevx:
         times: int = 1,
         retry_after: float | str | None = None,
         create: bool = False,
-        route: Literal["submit", "get"] = "submit",
+        route: Route = "submit",
     ) -> None:
         """Answer the next ``times`` requests to ``route`` with HTTP ``status``.
 
@@ -433,13 +290,7 @@ class FakeKeevx:
         and calls them back later, although the reply is the error: the ambiguous "billed
         but no task IDs" case.
         """
-        if route not in ("submit", "get"):
-            raise ValueError(f"route must be 'submit' or 'get', not {route!r}")
-        if create and route != "submit":
-            raise ValueError("create=True only applies to route='submit'")
-        if times < 1:
-            raise ValueError(f"times must be at least 1, not {times}")
-        self._faults.append(_Fault(status, times, retry_after, create, route))
+        self._faults.add(status, times=times, retry_after=retry_after, create=create, route=route)
 
     def deliver_into(self, target: CallbackSink | None) -> None:
         """Hand callbacks to ``await target.feed_callback(body, url=callback_url)``.
@@ -513,12 +364,15 @@ class FakeKeevx:
         Only meaningful while the fake is running (it raises ``RuntimeError`` otherwise).
         Do not call it from inside a callback receiver: the delivery waits for it.
         """
-        if self._task_group is None:
-            raise RuntimeError("FakeKeevx is not running: use `async with FakeKeevx(...)`")
+        self._require_running()
         while self._pending:
             if self._idle is None:
                 self._idle = anyio.Event()
             await self._idle.wait()
+
+    def _require_running(self) -> None:
+        if self._task_group is None:
+            raise RuntimeError("FakeKeevx is not running: use `async with FakeKeevx(...)`")
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -529,12 +383,18 @@ class FakeKeevx:
         if self.callback_client is None:
             # No proxies from the environment: callbacks go to loopback receivers.
             self._owned_client = httpx.AsyncClient(trust_env=False)
-        self._limiter = anyio.CapacityLimiter(self.delivery_concurrency)
-        self._wakeup = anyio.Event()
+        self._deliverer = CallbackDeliverer(
+            self,
+            recipient=self._recipient,
+            on_delivered=self._delivered,
+            on_failed=self._delivery_failed,
+        )
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
-        task_group.start_soon(self._run_scheduler, task_group)
+        task_group.start_soon(
+            self._scheduler.run, functools.partial(self._start_deliveries, task_group)
+        )
         return self
 
     async def __aexit__(
@@ -575,30 +435,24 @@ class FakeKeevx:
         path: str = scope["path"]
         task_id = path.removeprefix(SUBMIT_PATH + "/")
         if self._task_group is None:
-            reply = _error_reply(
+            reply = error_reply(
                 500, "FakeKeevx is not running: enter it with `async with FakeKeevx(...)`"
             )
         elif path == SUBMIT_PATH:
             reply = (
                 await self._handle_submit(scope, raw_body)
                 if method == "POST"
-                else self._method_not_allowed(method, path, "POST")
+                else method_not_allowed(method, path, "POST")
             )
         elif task_id != path and task_id and "/" not in task_id:
             reply = (
                 await self._handle_get(scope, task_id)
                 if method == "GET"
-                else self._method_not_allowed(method, path, "GET")
+                else method_not_allowed(method, path, "GET")
             )
         else:
-            reply = _error_reply(404, f"not found: {method} {path}")
+            reply = error_reply(404, f"not found: {method} {path}")
         await _send_reply(send, reply)
-
-    @staticmethod
-    def _method_not_allowed(method: str, path: str, allowed: str) -> _Reply:
-        reply = _error_reply(405, f"method {method} not allowed on {path}")
-        reply.headers.append((b"allow", allowed.encode()))
-        return reply
 
     async def _run_lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -615,36 +469,10 @@ class FakeKeevx:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _auth_error(self, scope: Scope) -> _Reply | None:
-        scheme, _, token = (_header(scope, b"authorization") or "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            return _error_reply(401, "missing or malformed Authorization header")
-        if self.api_key is not None and not secrets.compare_digest(
-            token.encode(), self.api_key.encode()
-        ):
-            return _error_reply(401, "invalid api key")
-        return None
+    def _auth_error(self, scope: Scope) -> Reply | None:
+        return auth_error(_header(scope, b"authorization"), self.api_key)
 
-    def _take_fault(self, route: str) -> _Fault | None:
-        for fault in self._faults:
-            if fault.route == route:
-                fault.times -= 1
-                if fault.times == 0:
-                    self._faults.remove(fault)
-                return fault
-        return None
-
-    @staticmethod
-    def _fault_reply(fault: _Fault) -> _Reply:
-        reply = _error_reply(fault.status, f"injected fault: HTTP {fault.status}")
-        if fault.retry_after is not None:
-            reply.headers.append(
-                (b"retry-after", _format_retry_after(fault.retry_after).encode("latin-1"))
-            )
-        return reply
-
-    async def _handle_submit(self, scope: Scope, raw_body: bytes) -> _Reply:
+    async def _handle_submit(self, scope: Scope, raw_body: bytes) -> Reply:
         self.submit_calls += 1
         self.submit_times.append(anyio.current_time())
         self.in_flight += 1
@@ -655,45 +483,42 @@ class FakeKeevx:
             denied = self._auth_error(scope)
             if denied is not None:
                 return denied
-            fault = self._take_fault("submit")
+            fault = self._faults.take("submit")
             if fault is not None and not fault.create:
-                return self._fault_reply(fault)
+                return fault.reply()
             reply = await self._accept_submission(raw_body)
-            return reply if fault is None else self._fault_reply(fault)
+            return reply if fault is None else fault.reply()
         finally:
             self.in_flight -= 1
             self._work_done()
 
-    async def _accept_submission(self, raw_body: bytes) -> _Reply:
-        body = _parse_json_object(raw_body)
+    async def _accept_submission(self, raw_body: bytes) -> Reply:
+        body = parse_json_object(raw_body)
         if body is None:
-            return _error_reply(
-                400, "parameter error: body must be a JSON object", code=CODE_PARAMETER_ERROR
-            )
-        request = _validate(body)
+            return parameter_error("body must be a JSON object", status=400)
+        request = validate(body)
         if isinstance(request, str):
-            return _error_reply(200, f"parameter error: {request}", code=CODE_PARAMETER_ERROR)
+            return parameter_error(request)
         planned = self._create_tasks(request)
         if self.early_callbacks:
             for batch in self._finish(planned):
                 await self._deliver_batch(batch)
         else:
             for item in planned:
-                self._schedule(item)
+                self._scheduler.schedule(item)
         task_ids = sorted((item.task for item in planned), key=lambda task: task.index)
-        return _Reply(200, _envelope(CODE_OK, "ok", {"task_ids": [t.task_id for t in task_ids]}))
+        return ok_reply({"task_ids": [task.task_id for task in task_ids]})
 
-    def _create_tasks(self, request: dict[str, Any]) -> list[_Planned]:
+    def _create_tasks(self, request: dict[str, Any]) -> list[PlannedTask]:
         """Create the request's tasks and decide their fates; the result is in delivery
         order (shuffled when ``shuffle`` is on)."""
-        self.accepted_submits += 1
         submission = next(self._submissions)
         now = anyio.current_time()
         prompt: str = request["prompt"]
         callback_url: str | None = request["callback_url"]
         scripted_failure = self.fail_if is not None and self.fail_if(prompt)
         scripted_loss = self.lose_if is not None and self.lose_if(prompt)
-        planned: list[_Planned] = []
+        planned: list[PlannedTask] = []
         for index in range(request["generate_count"]):
             # The three fate draws are made for every task, whatever the rates are, so
             # that one seed gives the same fates when only a rate changes.
@@ -723,39 +548,31 @@ class FakeKeevx:
                 if random_failure
                 else None
             )
-            planned.append(_Planned(task, failure, submission, delay))
+            planned.append(PlannedTask(task, failure, submission, delay))
             self._work_started()
+        self.accepted_submits += 1
         if self.shuffle:
             shuffled = planned.copy()
             self._rng.shuffle(shuffled)
             # A shuffle that keeps the order would make the knob a no-op for this request
-            # (_Planned compares by identity, so this compares the orders).
+            # (PlannedTask compares by identity, so this compares the orders).
             planned = shuffled if shuffled != planned else planned[::-1]
         return planned
 
-    async def _handle_get(self, scope: Scope, task_id: str) -> _Reply:
+    async def _handle_get(self, scope: Scope, task_id: str) -> Reply:
         self.get_calls += 1
         self.get_times.append(anyio.current_time())
         await anyio.sleep(self.latency)
         denied = self._auth_error(scope)
         if denied is not None:
             return denied
-        fault = self._take_fault("get")
+        fault = self._faults.take("get")
         if fault is not None:
-            return self._fault_reply(fault)
+            return fault.reply()
         task = self._registry.get(task_id)
-        if task is None:
-            return _error_reply(200, "task not found", code=CODE_TASK_NOT_FOUND)
-        snapshot = {
-            "task_id": task.task_id,
-            "status": task.status,
-            "image_url": task.image_url,
-            "thumbnail_url": task.thumbnail_url,
-            "error_message": task.error_message,
-        }
-        return _Reply(200, _envelope(CODE_OK, "ok", snapshot))
+        return task_not_found() if task is None else ok_reply(task_snapshot(task))
 
-    # -- scheduling and delivery -------------------------------------------------------
+    # -- finishing and delivery --------------------------------------------------------
 
     def _work_started(self) -> None:
         self._pending += 1
@@ -766,99 +583,38 @@ class FakeKeevx:
             self._idle.set()
             self._idle = None
 
-    def _schedule(self, item: _Planned) -> None:
-        entry = (item.task.created_at + item.delay, next(self._sequence), item)
-        heapq.heappush(self._due, entry)
-        if self._due[0] is entry:
-            self._wakeup.set()
+    def _start_deliveries(self, task_group: TaskGroup, due: list[PlannedTask]) -> None:
+        """The scheduler's hand-over: finish the due tasks, start their deliveries."""
+        for batch in self._finish(due):
+            task_group.start_soon(self._deliver_batch, batch)
 
-    async def _run_scheduler(self, task_group: TaskGroup) -> None:
-        """Finish tasks when due and start their deliveries; one loop for all tasks."""
-        while True:
-            now = anyio.current_time()
-            due: list[_Planned] = []
-            while self._due and self._due[0][0] <= now:
-                due.append(heapq.heappop(self._due)[2])
-            for batch in self._finish(due):
-                task_group.start_soon(self._deliver_batch, batch)
-            self._wakeup = anyio.Event()
-            with anyio.move_on_after(self._due[0][0] - now if self._due else math.inf):
-                await self._wakeup.wait()
-
-    def _finish(self, items: Iterable[_Planned]) -> list[list[_Planned]]:
+    def _finish(self, items: Iterable[PlannedTask]) -> list[list[PlannedTask]]:
         """Finish the given tasks; return those to call back, in batches per submission
         (in the given order), so each batch can be delivered in order by one task."""
         now = anyio.current_time()
-        batches: dict[int, list[_Planned]] = {}
+        batches: dict[int, list[PlannedTask]] = {}
         for item in items:
-            task = item.task
-            task.finished_at = now
-            if item.failure is None:
-                task.status = FINISHED_OK
-                task.image_url = f"{self.image_base_url}/{task.task_id}.png"
-                task.thumbnail_url = f"{self.image_base_url}/{task.task_id}_thumb.png"
-            else:
-                task.status = FAILED
-                task.error_message = item.failure
-            if task.callback_url is None or task.lost:
-                self._work_done()
-            else:
+            item.finish(now, self.image_base_url)
+            if item.calls_back:
                 batches.setdefault(item.submission, []).append(item)
+            else:
+                self._work_done()
         return list(batches.values())
 
-    async def _deliver_batch(self, batch: list[_Planned]) -> None:
+    async def _deliver_batch(self, batch: list[PlannedTask]) -> None:
         try:
-            # The knob may have changed since the limiter was made.
-            self._limiter.total_tokens = self.delivery_concurrency
-            async with self._limiter:
-                for item in batch:
-                    for _ in range(2 if item.task.duplicated else 1):
-                        await self._deliver(item.task)
+            await self._deliverer.deliver_in_order([item.task for item in batch])
         finally:
             for _ in batch:
                 self._work_done()
 
-    async def _deliver(self, task: FakeTask) -> None:
-        body = json.dumps(
-            {
-                "code": CODE_OK,
-                "msg": "ok",
-                "task_type": "image_generate",
-                "data": {
-                    "task_id": task.task_id,
-                    "status": task.status,
-                    "image_url": task.image_url,
-                    "error_message": task.error_message,
-                },
-            }
-        ).encode()
-        attempt = 0
-        while True:
-            try:
-                failure = await self._send_callback(task.callback_url or "", body)
-            # A receiver's failure is what the fake is for: record it, never crash on it.
-            except Exception as exc:  # noqa: BLE001
-                failure = f"{type(exc).__name__}: {exc}"
-            if failure is None:
-                task.callbacks_sent += 1
-                self.callbacks_sent += 1
-                return
-            self.delivery_failures.append((task.task_id, failure))
-            if attempt >= self.redeliveries:
-                return
-            await anyio.sleep(self.redeliver_after * 2**attempt)
-            attempt += 1
+    def _recipient(self) -> Recipient:
+        if self._callback_target is not None:
+            return self._callback_target
+        return self.callback_client or self._owned_client
 
-    async def _send_callback(self, url: str, body: bytes) -> str | None:
-        """Deliver one callback body; the reason it failed, or None."""
-        target = self._callback_target
-        if target is not None:
-            await target.feed_callback(body, url=url)
-            return None
-        client = self.callback_client or self._owned_client
-        if client is None:
-            return "no HTTP client for callbacks: the fake is not running"
-        response = await client.post(
-            url, content=body, headers={"content-type": "application/json"}
-        )
-        return None if response.is_success else f"HTTP {response.status_code}"
+    def _delivered(self, task: FakeTask) -> None:
+        self.callbacks_sent += 1
+
+    def _delivery_failed(self, task: FakeTask, reason: str) -> None:
+        self.delivery_failures.append((task.task_id, reason))

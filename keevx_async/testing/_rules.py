@@ -1,0 +1,195 @@
+"""The service's rules and envelopes: what a submit must look like, and how every answer reads.
+
+This is the part of [`FakeKeevx`][keevx_async.testing.FakeKeevx] that has to match the real
+service byte for byte, so it lives apart from the machinery (scheduling, delivery, ASGI)
+and holds no state: request validation with the service's defaults, the ``{"code", "msg",
+"data"}`` envelope and its error replies, the task-state snapshot of the GET endpoint and
+the body of a callback. A change in the service's contract is a change to this file only.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import TYPE_CHECKING, Any, Final
+
+import attrs
+
+from keevx_async._types import (
+    IMAGE_QUALITIES,
+    IMAGE_RATIOS,
+    MAX_GENERATE_COUNT,
+    MAX_PROMPT_LENGTH,
+    MAX_REFERENCE_IMAGES,
+    MODULES,
+)
+
+if TYPE_CHECKING:
+    from keevx_async.testing._task import FakeTask
+
+SUBMIT_PATH: Final = "/v1/image_generate"
+TASK_ID_PREFIX: Final = "i2is-"
+CODE_OK: Final = 0
+CODE_PARAMETER_ERROR: Final = 100001
+CODE_TASK_NOT_FOUND: Final = 110002
+MODERATION_MESSAGE: Final = "content moderation rejected the prompt"
+"""``error_message`` of tasks failed by ``fail_if``."""
+RANDOM_FAILURE_MESSAGE: Final = "image processing error: generation failed"
+"""``error_message`` of tasks failed by ``fail_rate``."""
+
+# The service's defaults for the optional request fields.
+_DEFAULT_MODULE: Final = "std"
+_DEFAULT_GENERATE_COUNT: Final = 1
+_DEFAULT_IMAGE_QUALITY: Final = "2K"
+_DEFAULT_IMAGE_RATIO: Final = "9:16"
+
+
+@attrs.define
+class Reply:
+    """One HTTP answer of the service: status, JSON envelope, extra headers."""
+
+    status: int
+    payload: dict[str, Any]
+    headers: list[tuple[bytes, bytes]] = attrs.Factory(list)
+
+
+def envelope(code: int, msg: str, data: object = None) -> dict[str, Any]:
+    """The service's reply envelope."""
+    return {"code": code, "msg": msg, "data": data}
+
+
+def error_reply(status: int, msg: str, *, code: int | None = None) -> Reply:
+    """An error: the envelope's ``code`` is the HTTP status unless a business code is given."""
+    return Reply(status, envelope(status if code is None else code, msg))
+
+
+def ok_reply(data: object) -> Reply:
+    """A successful answer carrying ``data``."""
+    return Reply(200, envelope(CODE_OK, "ok", data))
+
+
+def parameter_error(detail: str, *, status: int = 200) -> Reply:
+    """A request the service refuses: business code 100001 (with HTTP 200 for a bad field,
+    400 for a body that is not a JSON object)."""
+    return error_reply(status, f"parameter error: {detail}", code=CODE_PARAMETER_ERROR)
+
+
+def task_not_found() -> Reply:
+    """The GET endpoint's answer for an unknown task ID."""
+    return error_reply(200, "task not found", code=CODE_TASK_NOT_FOUND)
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> Reply:
+    """HTTP 405 with the ``Allow`` header."""
+    reply = error_reply(405, f"method {method} not allowed on {path}")
+    reply.headers.append((b"allow", allowed.encode()))
+    return reply
+
+
+def auth_error(authorization: str | None, api_key: str | None) -> Reply | None:
+    """The 401 for an ``Authorization`` header the service refuses, else ``None``.
+
+    A bearer token is required; with ``api_key`` set it must be that key.
+    """
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return error_reply(401, "missing or malformed Authorization header")
+    if api_key is not None and not secrets.compare_digest(token.encode(), api_key.encode()):
+        return error_reply(401, "invalid api key")
+    return None
+
+
+def format_retry_after(value: float | str) -> str:
+    """A ``Retry-After`` value: a number as seconds, a string (an HTTP date) verbatim."""
+    if isinstance(value, str):
+        return value
+    # Seconds without float noise: 2.0 -> "2", 0.25 -> "0.25" (never exponent notation).
+    return format(value, "f").rstrip("0").rstrip(".")
+
+
+def parse_json_object(raw_body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or ``None`` if it is not one."""
+    try:
+        parsed = json.loads(raw_body)
+    except ValueError:  # invalid JSON and invalid UTF-8 alike
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _optional(body: dict[str, Any], field: str, default: object) -> Any:
+    # The service treats an explicit null like an absent optional field.
+    value = body.get(field)
+    return default if value is None else value
+
+
+def validate(body: dict[str, Any]) -> dict[str, Any] | str:
+    """Apply the service's rules to a submit body: the normalised request, or an error."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        return "prompt is required and must be a string"
+    if not 1 <= len(prompt) <= MAX_PROMPT_LENGTH:
+        return f"prompt must be 1..{MAX_PROMPT_LENGTH} characters, got {len(prompt)}"
+    reference_images = _optional(body, "reference_images", [])
+    if not isinstance(reference_images, list) or not all(
+        isinstance(url, str) for url in reference_images
+    ):
+        return "reference_images must be a list of URL strings"
+    module = _optional(body, "module", _DEFAULT_MODULE)
+    if module not in MODULES:
+        return f"module must be one of {', '.join(MODULES)}"
+    generate_count = _optional(body, "generate_count", _DEFAULT_GENERATE_COUNT)
+    # bool is an int subclass, but JSON true is not a count.
+    if (
+        isinstance(generate_count, bool)
+        or not isinstance(generate_count, int)
+        or not 1 <= generate_count <= MAX_GENERATE_COUNT
+    ):
+        return f"generate_count must be an integer in 1..{MAX_GENERATE_COUNT}"
+    image_quality = _optional(body, "image_quality", _DEFAULT_IMAGE_QUALITY)
+    if image_quality not in IMAGE_QUALITIES:
+        return f"image_quality must be one of {', '.join(IMAGE_QUALITIES)}"
+    image_ratio = _optional(body, "image_ratio", _DEFAULT_IMAGE_RATIO)
+    if image_ratio not in IMAGE_RATIOS:
+        return f"image_ratio must be one of {', '.join(IMAGE_RATIOS)}"
+    callback_url = body.get("callback_url")
+    if callback_url is not None and not isinstance(callback_url, str):
+        return "callback_url must be a URL string"
+    return {
+        "prompt": prompt,
+        # The service silently keeps the first five; the SDK refuses more instead.
+        "reference_images": reference_images[:MAX_REFERENCE_IMAGES],
+        "module": module,
+        "generate_count": generate_count,
+        "image_quality": image_quality,
+        "image_ratio": image_ratio,
+        "callback_url": callback_url or None,
+    }
+
+
+def task_snapshot(task: FakeTask) -> dict[str, Any]:
+    """The GET endpoint's ``data`` for a task."""
+    return {
+        "task_id": task.task_id,
+        "status": task.status,
+        "image_url": task.image_url,
+        "thumbnail_url": task.thumbnail_url,
+        "error_message": task.error_message,
+    }
+
+
+def callback_body(task: FakeTask) -> bytes:
+    """The exact bytes the service POSTs to a finished task's ``callback_url``."""
+    return json.dumps(
+        {
+            "code": CODE_OK,
+            "msg": "ok",
+            "task_type": "image_generate",
+            "data": {
+                "task_id": task.task_id,
+                "status": task.status,
+                "image_url": task.image_url,
+                "error_message": task.error_message,
+            },
+        }
+    ).encode()
