@@ -24,6 +24,10 @@ from keevx_async.testing.__main__ import build_parser, main
 from keevx_async.testing._rules import MODERATION_MESSAGE, RANDOM_FAILURE_MESSAGE
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from anyio.abc import TaskGroup
+
     from keevx_async._asgi import Message, Receive, Scope, Send
 
 pytestmark = pytest.mark.anyio
@@ -823,6 +827,146 @@ async def test_wait_idle_waits_for_submits_in_flight() -> None:
             await fake.wait_idle()
             assert fake.in_flight == 0
             assert [task.status for task in fake.tasks.values()] == ["SUCCEEDED"]
+
+
+# -- awaitable hooks --------------------------------------------------------------------
+
+
+def waiter(task_group: TaskGroup, wait: Callable[[], Awaitable[None]]) -> anyio.Event:
+    """Run ``wait()`` in the background; the event is set once it has returned."""
+    returned = anyio.Event()
+
+    async def run() -> None:
+        await wait()
+        returned.set()
+
+    task_group.start_soon(run)
+    return returned
+
+
+async def test_wait_for_submits_counts_submits_that_created_tasks() -> None:
+    async with (
+        FakeKeevx(complete_after=3600) as fake,
+        fake.http_client(headers=AUTH) as http,
+        anyio.create_task_group() as tg,
+    ):
+        first = waiter(tg, lambda: fake.wait_for_submits(1))
+        third = waiter(tg, lambda: fake.wait_for_submits(3))
+        await anyio.wait_all_tasks_blocked()
+        assert not first.is_set()
+
+        await task_ids_of(await submit(http))
+        await first.wait()
+        # Neither an invalid request nor a fault creates tasks: no progress.
+        await submit(http, generate_count=99)
+        fake.inject(429)
+        await submit(http)
+        await anyio.wait_all_tasks_blocked()
+        assert not third.is_set()
+        assert (fake.submit_calls, fake.accepted_submits) == (3, 1)
+
+        fake.inject(500, create=True)  # billed: counts, although the reply is an error
+        await submit(http)
+        await task_ids_of(await submit(http))
+        await third.wait()
+        assert fake.accepted_submits == 3
+
+
+async def test_wait_for_a_count_already_reached_returns_at_once() -> None:
+    fake = FakeKeevx(complete_after=3600)
+    await fake.wait_for_submits(0)  # reached, so fine even before the fake runs
+    with pytest.raises(RuntimeError, match="not running"):
+        await fake.wait_for_submits(1)
+    with pytest.raises(RuntimeError, match="not running"):
+        await fake.wait_for_callbacks(1)
+    async with fake, fake.http_client(headers=AUTH) as http:
+        await task_ids_of(await submit(http))
+        await http.get(f"{SUBMIT}/i2is-unknown")
+        with anyio.fail_after(5):  # a hang guard: each returns without waiting
+            await fake.wait_for_submits(1)
+            await fake.wait_for_gets(1)
+            await fake.wait_for_callbacks(0)
+    await fake.wait_for_submits(1)  # still reached after the fake stopped
+
+
+async def test_wait_for_submits_counts_again_after_reset_metrics() -> None:
+    async with (
+        FakeKeevx(complete_after=3600) as fake,
+        fake.http_client(headers=AUTH) as http,
+        anyio.create_task_group() as tg,
+    ):
+        await task_ids_of(await submit(http))
+        second = waiter(tg, lambda: fake.wait_for_submits(2))
+        fake.reset_metrics()
+        await task_ids_of(await submit(http))
+        await anyio.wait_all_tasks_blocked()
+        assert not second.is_set()  # one since the reset
+        await task_ids_of(await submit(http))
+        await second.wait()
+
+
+async def test_wait_for_gets_counts_every_get_on_arrival() -> None:
+    async with (
+        FakeKeevx(complete_after=3600) as fake,
+        fake.http_client(headers=AUTH) as http,
+        anyio.create_task_group() as tg,
+    ):
+        second = waiter(tg, lambda: fake.wait_for_gets(2))
+        fake.inject(503, route="get")
+        assert (await http.get(f"{SUBMIT}/i2is-1")).status_code == 503
+        await anyio.wait_all_tasks_blocked()
+        assert not second.is_set()
+        await http.get(f"{SUBMIT}/i2is-2")  # unknown: still a GET
+        await second.wait()
+        assert fake.get_calls == 2
+
+
+async def test_wait_for_callbacks_counts_deliveries_not_failures() -> None:
+    recorder = CallbackRecorder()
+    recorder.gate = anyio.Event()
+    async with (
+        FakeKeevx(complete_after=0, duplicate_rate=1.0) as fake,
+        fake.http_client(headers=AUTH) as http,
+        anyio.create_task_group() as tg,
+    ):
+        fake.deliver_into(recorder)
+        two = waiter(tg, lambda: fake.wait_for_callbacks(2))
+        three = waiter(tg, lambda: fake.wait_for_callbacks(3))
+        (task_id,) = await task_ids_of(await submit(http, callback_url=CALLBACK_URL))
+        await anyio.wait_all_tasks_blocked()  # the first delivery waits at the gate
+        assert recorder.active == 1
+        assert not two.is_set()
+
+        recorder.gate.set()
+        await two.wait()  # the duplicate: the same task, delivered twice
+        assert recorder.task_ids == [task_id, task_id]
+        assert fake.callbacks_sent == 2
+
+        recorder.fail = True
+        fake.duplicate_rate = 0.0
+        await task_ids_of(await submit(http, callback_url=CALLBACK_URL))
+        await fake.wait_idle()
+        assert not three.is_set()  # a failed delivery does not count
+        assert len(fake.delivery_failures) == 1
+
+        recorder.fail = False
+        await task_ids_of(await submit(http, callback_url=CALLBACK_URL))
+        await three.wait()
+
+
+async def test_a_cancelled_waiter_leaves_the_others_alone() -> None:
+    async with (
+        FakeKeevx(complete_after=3600) as fake,
+        fake.http_client(headers=AUTH) as http,
+        anyio.create_task_group() as tg,
+    ):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await fake.wait_for_submits(1)
+        assert scope.cancelled_caught
+        kept = waiter(tg, lambda: fake.wait_for_submits(1))
+        await task_ids_of(await submit(http))
+        await kept.wait()
 
 
 # -- served on a socket, ASGI details ---------------------------------------------------

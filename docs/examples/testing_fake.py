@@ -66,10 +66,26 @@ async def scripted_faults() -> None:
 # --8<-- [end:faults]
 
 
+# --8<-- [start:waiting]
+async def waiting_without_sleeping() -> None:
+    fake = FakeKeevx(complete_after=(0.01, 0.05))
+    async with fake, fake.client() as client, anyio.create_task_group() as tg:
+        # Code under test that works in the background, here a bulk run of three prompts.
+        tg.start_soon(client.generate_many, ["a fox", "a kite", "a maze"])
+        await fake.wait_for_submits(3)  # the three requests have created their tasks
+        print(f"the service has {len(fake.tasks)} tasks")
+        await fake.wait_for_callbacks(3)  # ... and the client has taken all three results
+        print(f"{fake.callbacks_sent} callbacks delivered, {client.stats.pending} pending")
+
+
+# --8<-- [end:waiting]
+
+
 async def main() -> None:
     await hard_cases()
     await lost_callbacks()
     await scripted_faults()
+    await waiting_without_sleeping()
 
 
 if __name__ == "__main__":

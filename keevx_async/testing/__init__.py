@@ -9,8 +9,11 @@ the SDK client). Its knobs reproduce the service's hard cases: latency, scripted
 replies (with ``Retry-After``, and the ambiguous "tasks created but error returned" case),
 failed tasks, and callbacks that arrive before the submit reply, twice, out of order, or
 never. It counts what it sees (submits, concurrency, callbacks) so tests can assert on it,
-and [`FakeKeevx.wait_idle`][keevx_async.testing.FakeKeevx.wait_idle] lets them wait for quiescence
-instead of sleeping:
+and lets them wait instead of sleeping: for quiescence with
+[`FakeKeevx.wait_idle`][keevx_async.testing.FakeKeevx.wait_idle], for a count with
+[`wait_for_submits`][keevx_async.testing.FakeKeevx.wait_for_submits],
+[`wait_for_gets`][keevx_async.testing.FakeKeevx.wait_for_gets] and
+[`wait_for_callbacks`][keevx_async.testing.FakeKeevx.wait_for_callbacks]:
 
     async with FakeKeevx(complete_after=0.05) as fake, fake.http_client() as http:
         reply = await http.post(

@@ -8,7 +8,8 @@ failed tasks, and callbacks that arrive early, twice, out of order or never.
 This module is the composition: the ASGI routes, the public knobs and counters, and the
 fates drawn for each new task. The parts it wires live one concept per module: the
 service's contract in `_rules`, the task record in `_task`, scripted faults in `_faults`,
-finishing tasks on time in `_scheduler`, and calling them back in `_deliverer`.
+finishing tasks on time in `_scheduler`, calling them back in `_deliverer`, and the
+awaitable counters behind the ``wait_for_*`` hooks in `_milestones`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from keevx_async._client import AsyncKeevx
 from keevx_async.testing._deliverer import CallbackDeliverer
 from keevx_async.testing._faults import FaultScript
 from keevx_async.testing._http_server import LoopbackServer, serve_asgi
+from keevx_async.testing._milestones import Milestones
 from keevx_async.testing._rules import (
     MODERATION_MESSAGE,
     RANDOM_FAILURE_MESSAGE,
@@ -142,6 +144,10 @@ class FakeKeevx:
     ``delivery_failures``) and
     ``tasks`` (the tasks created since the last reset) start over with
     `reset_metrics`; tasks created before a reset can still be looked up with GET.
+
+    Tests wait on the fake instead of sleeping: `wait_for_submits`, `wait_for_gets` and
+    `wait_for_callbacks` return once a counter reaches a value, `wait_idle` once nothing
+    is left to do.
     """
 
     api_key: str | None
@@ -240,6 +246,10 @@ class FakeKeevx:
         # finishing and callbacks are not done yet.
         self._pending = 0
         self._idle: anyio.Event | None = None
+        # Waiters of the wait_for_* hooks, told each new value of their counter.
+        self._accepted_milestones = Milestones()
+        self._get_milestones = Milestones()
+        self._callback_milestones = Milestones()
 
     # -- configuration -----------------------------------------------------------------
 
@@ -369,6 +379,58 @@ class FakeKeevx:
             if self._idle is None:
                 self._idle = anyio.Event()
             await self._idle.wait()
+
+    async def wait_for_submits(self, n: int) -> None:
+        """Return once at least ``n`` submit requests have created tasks, i.e. once
+        ``accepted_submits >= n``.
+
+        A submit counts when its tasks are created (``inject(..., create=True)`` ones
+        included): after validation, before its reply is sent and, with
+        ``early_callbacks``, before its callbacks. Refused, invalid and faulted submits do
+        not count (``submit_calls`` has them). Like ``accepted_submits``, the count starts
+        over with `reset_metrics`. To be sure the caller has its reply, wait for what the
+        caller does with it:
+
+        ```python
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit_all, client, prompts)
+            await fake.wait_for_submits(len(prompts))  # every request reached the service
+        ```
+
+        Returns at once (after a checkpoint) when the count is already reached; raises
+        ``RuntimeError`` when it is not and the fake is not running. A waiter is not woken
+        when the fake stops: bound the wait with your own timeout if that can happen.
+        """
+        await self._wait_for(self._accepted_milestones, n, self.accepted_submits)
+
+    async def wait_for_gets(self, n: int) -> None:
+        """Return once at least ``n`` task-state GET requests have arrived, i.e. once
+        ``get_calls >= n``.
+
+        A GET counts on arrival, before latency and whatever its answer (a fault, an
+        unknown task and a refused key included). Otherwise like `wait_for_submits`.
+        """
+        await self._wait_for(self._get_milestones, n, self.get_calls)
+
+    async def wait_for_callbacks(self, n: int) -> None:
+        """Return once at least ``n`` callbacks have been delivered, i.e. once
+        ``callbacks_sent >= n``.
+
+        A callback counts once it was delivered: the receiver answered 2xx, or the
+        target of `deliver_into` returned from ``feed_callback`` (so the SDK client has
+        already resolved the task). A duplicate counts twice; failed deliveries do not
+        count (they are in ``delivery_failures``), but a failed callback delivered on a
+        later try (``redeliveries``) counts then. Lost callbacks never count: wait with
+        `wait_idle` when some may be lost or fail. Do not call it from inside a callback
+        receiver: its own delivery counts only once it returns. Otherwise like
+        `wait_for_submits`.
+        """
+        await self._wait_for(self._callback_milestones, n, self.callbacks_sent)
+
+    async def _wait_for(self, milestones: Milestones, n: int, current: int) -> None:
+        if current < n:
+            self._require_running()
+        await milestones.wait_for(n, current)
 
     def _require_running(self) -> None:
         if self._task_group is None:
@@ -551,6 +613,7 @@ class FakeKeevx:
             planned.append(PlannedTask(task, failure, submission, delay))
             self._work_started()
         self.accepted_submits += 1
+        self._accepted_milestones.count_is(self.accepted_submits)
         if self.shuffle:
             shuffled = planned.copy()
             self._rng.shuffle(shuffled)
@@ -561,6 +624,7 @@ class FakeKeevx:
 
     async def _handle_get(self, scope: Scope, task_id: str) -> Reply:
         self.get_calls += 1
+        self._get_milestones.count_is(self.get_calls)
         self.get_times.append(anyio.current_time())
         await anyio.sleep(self.latency)
         denied = self._auth_error(scope)
@@ -615,6 +679,7 @@ class FakeKeevx:
 
     def _delivered(self, task: FakeTask) -> None:
         self.callbacks_sent += 1
+        self._callback_milestones.count_is(self.callbacks_sent)
 
     def _delivery_failed(self, task: FakeTask, reason: str) -> None:
         self.delivery_failures.append((task.task_id, reason))
