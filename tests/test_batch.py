@@ -82,8 +82,8 @@ async def test_a_slow_consumer_holds_the_input_back() -> None:
         async with client.batch(
             requests, concurrency=concurrency, max_pending=max_pending
         ) as batch:
-            await fake.wait_idle()  # everything submitted so far has finished
-            await anyio.sleep(0.05)
+            await fake.wait_for_submits(max_pending)  # the batch has filled its bound...
+            await anyio.wait_all_tasks_blocked()  # ...and the replies are in
             # Nothing was yielded yet: reading stopped at the bound (plus the open slots).
             assert batch.pending >= max_pending
             assert batch.requests_read <= max_pending + concurrency

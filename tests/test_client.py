@@ -496,9 +496,9 @@ async def test_retry_after_pauses_the_whole_client() -> None:
         fake.inject(429, retry_after=pause)
         async with anyio.create_task_group() as tg:
             tg.start_soon(client.submit, kx.ImageRequest("first"))
-            while fake.submit_calls < 1:  # noqa: ASYNC110 - the fake has no event for it
-                await anyio.sleep(0.001)
-            await anyio.sleep(0.05)  # the 429 has been answered; the pause runs
+            # All in-process: once every task is blocked, the 429 has been answered and
+            # the first submit sleeps out the pause.
+            await anyio.wait_all_tasks_blocked()
             for i in range(5):
                 tg.start_soon(client.submit, kx.ImageRequest(f"other {i}"))
     first, *rest = fake.submit_times

@@ -196,8 +196,9 @@ async def test_overdue_tasks_respect_reconcile_per_second() -> None:
         async with anyio.create_task_group() as tg:
             for first in range(8):
                 tg.start_soon(submit_all, first)
-        # 10,000 tasks are overdue now; give the sweeper a while, then close.
-        await anyio.sleep(0.5)
+        # 10,000 tasks are overdue now; let the sweeper make enough lookups to show its
+        # pace, then close.
+        await fake.wait_for_gets(50)
         stats = client.stats
 
     times = fake.get_times
@@ -221,7 +222,7 @@ async def test_lookups_never_block_submits() -> None:
         # Every lookup fails with a retryable 500 and backs off, holding all its slots.
         fake.inject(500, route="get", times=10_000)
         lost = [await client.submit(kx.ImageRequest(f"lost {n}")) for n in range(20)]
-        await anyio.sleep(0.2)
+        await fake.wait_for_gets(1)
         assert fake.get_calls > 0
         with anyio.fail_after(10):
             [result] = await client.generate(kx.ImageRequest("kept while lookups fail"))
@@ -319,8 +320,7 @@ async def test_leaving_the_client_stops_lookups_in_flight() -> None:
             async with fake.client(reconcile_after=0.01) as client:
                 submission = await client.submit(kx.ImageRequest("lost while closing"))
                 fake.latency = 5.0
-                while fake.get_calls == 0:  # noqa: ASYNC110 - the fake has no event for it
-                    await anyio.sleep(0.01)
+                await fake.wait_for_gets(1)
         # Leaving the block cancelled the hanging lookup instead of waiting for it.
         assert client.stats.lookups == 0
         assert not submission.tasks[0].done()

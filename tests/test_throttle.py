@@ -215,9 +215,15 @@ async def test_pause_set_while_waiting_for_a_pace_slot_is_honoured() -> None:
     await throttle.before_attempt()  # takes the first slot at once
     start = anyio.current_time()
 
+    on_its_way = anyio.Event()
+
+    async def take_the_next_slot() -> None:
+        on_its_way.set()
+        await throttle.before_attempt()  # sleeps toward the next slot
+
     async with anyio.create_task_group() as tg:
-        tg.start_soon(throttle.before_attempt)  # sleeps toward the next slot
-        await anyio.sleep(0.03)  # well before that slot comes
+        tg.start_soon(take_the_next_slot)
+        await on_its_way.wait()  # well before that slot comes
         throttle.pause(0.25, "HTTP 429")
 
     assert anyio.current_time() - start >= 0.25 - SLACK
