@@ -246,7 +246,5 @@ class CallbackIntake:
             error_message=snapshot.error_message,
             raw=snapshot.raw,
         )
-        if self.registry.apply(payload, None) is CallbackOutcome.RESOLVED:
-            self._counters.resolved_by_lookup += 1
-            if self._shares:
-                self.router.finished(payload, task.submission_id)
+        if self.registry.settle(task, payload) and self._shares:
+            self.router.finished(payload, task.submission_id)

@@ -231,7 +231,9 @@ class AsyncKeevx:
                 callback_secret if callback_secret is not None else _secret_from_env()
             ),
             registry=TaskRegistry(
-                max_early=max_early_callbacks, early_max_age=early_callback_max_age
+                max_early=max_early_callbacks,
+                early_max_age=early_callback_max_age,
+                counters=self._counters,
             ),
             router=self.router,
             counters=self._counters,
@@ -247,6 +249,7 @@ class AsyncKeevx:
                 pending_count=lambda: self._callbacks.registry.pending_count,
                 after=reconcile_after,
                 per_second=reconcile_per_second,
+                counters=self._counters,
             )
         )
         self._task_group: TaskGroup | None = None
@@ -589,29 +592,11 @@ class AsyncKeevx:
     def stats(self) -> ClientStats:
         """Counters and gauges of this client, as a frozen snapshot."""
         registry = self._callbacks.registry
-        counts = registry.counters
-        counters = self._counters
-        return ClientStats(
-            submitted=counters.submitted,
-            submit_errors=counters.submit_errors,
-            retries=counters.retries,
-            rate_limited=counters.rate_limited,
-            tasks_created=counters.tasks_created,
-            resolved_by_callback=counts.resolved - counters.resolved_by_lookup,
-            resolved_by_lookup=counters.resolved_by_lookup,
-            lookups=counters.lookups,
-            lookup_errors=0 if self._reconciler is None else self._reconciler.lookup_errors,
-            overdue_scheduled=0 if self._reconciler is None else self._reconciler.scheduled,
-            # Bad tokens are refused here; tokens of the wrong submission by the registry.
-            callbacks_rejected=counters.callbacks_rejected + counts.rejected,
-            callbacks_malformed=counters.callbacks_malformed,
-            callbacks_buffered=counts.buffered,
-            callbacks_duplicate=counts.duplicates,
-            callbacks_evicted=counts.evicted,
-            callbacks_forwarded=counters.callbacks_forwarded,
-            router_errors=counters.router_errors,
+        reconciler = self._reconciler
+        return self._counters.snapshot(
             pending=registry.pending_count,
             buffered=registry.early_count,
+            overdue_scheduled=0 if reconciler is None else reconciler.scheduled,
         )
 
     # --- warnings ---------------------------------------------------------------------

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final
 import anyio
 
 from ._exceptions import KeevxError
+from ._stats import Counters
 from ._throttle import Throttle
 
 if TYPE_CHECKING:
@@ -64,6 +65,7 @@ class Reconciler:
         per_second: the most lookups started per second (``None``: no pace, only the
             ``max_in_flight`` bound).
         max_in_flight: the most lookups running at once.
+        counters: where failed lookups are counted (``lookup_errors``).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Reconciler:
         after: float,
         per_second: float | None,
         max_in_flight: int = LOOKUPS_IN_FLIGHT,
+        counters: Counters | None = None,
     ) -> None:
         self._lookup = lookup
         self._is_pending = is_pending
@@ -91,7 +94,7 @@ class Reconciler:
         self._sequence = itertools.count()
         self._wakeup: anyio.Event | None = None
         self.running = False
-        self.lookup_errors = 0
+        self.counters = Counters() if counters is None else counters
 
     @property
     def scheduled(self) -> int:
@@ -164,11 +167,11 @@ class Reconciler:
             await self._lookup(task_id)
         except KeevxError as exc:
             # Already retried where a retry could help; the task stays on the schedule.
-            self.lookup_errors += 1
+            self.counters.lookup_errors += 1
             logger.warning("looking up overdue task %s failed: %s", task_id, exc)
         except Exception:
             # Never let one lookup take the sweeper (and the client) down.
-            self.lookup_errors += 1
+            self.counters.lookup_errors += 1
             logger.exception("looking up overdue task %s failed unexpectedly", task_id)
         finally:
             self._slots.release()

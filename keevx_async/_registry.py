@@ -22,6 +22,7 @@ import attrs
 
 from ._exceptions import CallbackAuthError
 from ._models import CallbackOutcome, CallbackPayload
+from ._stats import Counters
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from ._task import Task
 from ._types import MAX_GENERATE_COUNT, UNFINISHED_STATUSES
 
-__all__ = ["RegistryCounters", "TaskRegistry"]
+__all__ = ["TaskRegistry"]
 
 logger = logging.getLogger("keevx_async")
 
@@ -38,18 +39,6 @@ DEFAULT_EARLY_MAX_AGE: Final = 600.0
 DEFAULT_REMEMBER_DONE: Final = 10_000
 #: A submission never has more tasks than this, so never more early callbacks either.
 _MAX_EARLY_PER_SUBMISSION: Final = MAX_GENERATE_COUNT
-
-
-@attrs.define
-class RegistryCounters:
-    """Running counts of what the registry did with callbacks."""
-
-    resolved: int = 0
-    buffered: int = 0
-    duplicates: int = 0
-    progress: int = 0
-    evicted: int = 0
-    rejected: int = 0
 
 
 @attrs.define
@@ -82,6 +71,8 @@ class TaskRegistry:
         remember_done: how many finished task IDs, and how many registered submissions,
             are remembered to answer duplicates and refuse callbacks that do not belong.
         clock: a monotonic clock (seconds).
+        counters: where the callbacks it applies are counted (the client's own, shared
+            with its other parts; a fresh one by default).
     """
 
     def __init__(
@@ -91,6 +82,7 @@ class TaskRegistry:
         early_max_age: float = DEFAULT_EARLY_MAX_AGE,
         remember_done: int = DEFAULT_REMEMBER_DONE,
         clock: Callable[[], float] = time.monotonic,
+        counters: Counters | None = None,
     ) -> None:
         if max_early < 0:
             raise ValueError(f"max_early_callbacks must be >= 0; got {max_early}")
@@ -113,7 +105,7 @@ class TaskRegistry:
         self._early_max_age = early_max_age
         self._remember_done = remember_done
         self._clock = clock
-        self.counters = RegistryCounters()
+        self.counters = Counters() if counters is None else counters
 
     @property
     def pending_count(self) -> int:
@@ -186,6 +178,7 @@ class TaskRegistry:
             early = self._take_early((task_id, None))
         if early is not None:
             self._resolve(task, early.payload)
+            self.counters.resolved_by_callback += 1
 
     def pending_tasks(self) -> list[Task]:
         """The tasks registered and not finished (nor collected) now."""
@@ -221,7 +214,6 @@ class TaskRegistry:
             self._reject_foreign(task_id)
         if payload.status in UNFINISHED_STATUSES:
             task.status = payload.status
-            self.counters.progress += 1
             return CallbackOutcome.PROGRESS
         # _resolve and _remember, inline: every callback takes this path.
         del self._pending[task_id]
@@ -229,9 +221,20 @@ class TaskRegistry:
         done[task_id] = task.submission_id
         if len(done) > self._remember_done:
             done.popitem(last=False)
-        self.counters.resolved += 1
+        self.counters.resolved_by_callback += 1
         task._apply(payload)
         return CallbackOutcome.RESOLVED
+
+    def settle(self, task: Task, payload: CallbackPayload) -> bool:
+        """Finish ``task`` from a finished snapshot its lookup returned (trusted: the
+        lookup was made with our API key); whether it was still pending here."""
+        task_id = payload.task_id
+        ref = self._pending.get(task_id)
+        if ref is None or ref() is not task:
+            return False
+        self._resolve(task, payload)
+        self.counters.resolved_by_lookup += 1
+        return True
 
     def _apply_unknown(
         self, payload: CallbackPayload, submission_id: str | None
@@ -243,30 +246,29 @@ class TaskRegistry:
                 if task_id not in known:
                     self._reject_foreign(task_id)
                 # Its task finished, was given up or dropped by its owner: nothing to do.
-                self.counters.duplicates += 1
+                self.counters.callbacks_duplicate += 1
                 return CallbackOutcome.DUPLICATE
         if task_id in self._done:
             owner = self._done[task_id]
             if submission_id is not None and owner is not None and owner != submission_id:
                 self._reject_foreign(task_id)
-            self.counters.duplicates += 1
+            self.counters.callbacks_duplicate += 1
             return CallbackOutcome.DUPLICATE
         if not payload.done:
             # Nothing to keep: a finished callback will follow.
-            self.counters.progress += 1
             return CallbackOutcome.PROGRESS
         key = (task_id, submission_id)
         now = self._clock()
         self._expire_early(now)
         if key in self._early:
-            self.counters.duplicates += 1
+            self.counters.callbacks_duplicate += 1
             return CallbackOutcome.BUFFERED
         if (
             submission_id is not None
             and self._early_per_submission.get(submission_id, 0) >= _MAX_EARLY_PER_SUBMISSION
         ):
             # More than the submission can have tasks: a leaked token being replayed.
-            self.counters.rejected += 1
+            self.counters.callbacks_rejected += 1
             logger.warning(
                 "rejected an early callback for task %s: too many for its token", task_id
             )
@@ -283,11 +285,11 @@ class TaskRegistry:
             self._evict(oldest, f"early-callback buffer is full ({self._max_early})")
         self._early[key] = _Early(payload, now)
         self._count_early(submission_id, +1)
-        self.counters.buffered += 1
+        self.counters.callbacks_buffered += 1
         return CallbackOutcome.BUFFERED
 
     def _reject_foreign(self, task_id: str) -> None:
-        self.counters.rejected += 1
+        self.counters.callbacks_rejected += 1
         logger.warning(
             "rejected a callback for task %s: its token was issued for another submission",
             task_id,
@@ -301,7 +303,6 @@ class TaskRegistry:
         task_id = payload.task_id
         del self._pending[task_id]
         self._remember(task_id, task.submission_id)
-        self.counters.resolved += 1
         task._apply(payload)
 
     def _remember(self, task_id: str, submission_id: str | None) -> None:
@@ -311,7 +312,7 @@ class TaskRegistry:
             done.popitem(last=False)
 
     def _evict(self, key: tuple[str, str | None], why: str) -> None:
-        self.counters.evicted += 1
+        self.counters.callbacks_evicted += 1
         logger.warning("dropped an early callback for task %s: %s", key[0], why)
 
     def _expire_early(self, now: float) -> None:

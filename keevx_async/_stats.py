@@ -86,3 +86,12 @@ class Counters:
     callbacks_evicted: int = 0
     callbacks_forwarded: int = 0
     router_errors: int = 0
+
+    def snapshot(self, *, pending: int, buffered: int, overdue_scheduled: int) -> ClientStats:
+        """These counts with the gauges read now, frozen."""
+        return ClientStats(
+            **attrs.asdict(self),
+            pending=pending,
+            buffered=buffered,
+            overdue_scheduled=overdue_scheduled,
+        )

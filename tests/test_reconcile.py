@@ -368,7 +368,7 @@ async def test_an_unexpected_lookup_error_never_stops_the_sweeper(
 
     assert "b" not in pending
     assert calls.count("b") == 1
-    assert reconciler.lookup_errors >= 2
+    assert reconciler.counters.lookup_errors >= 2
     assert not reconciler.running
     assert reconciler.scheduled == 0
     assert any("unexpectedly" in r.getMessage() for r in caplog.records)

@@ -13,6 +13,7 @@ import keevx_async as kx
 from keevx_async import Task
 from keevx_async._models import CallbackPayload
 from keevx_async._registry import TaskRegistry
+from keevx_async._stats import Counters
 
 REQUEST = kx.ImageRequest("a red fox", generate_count=3)
 
@@ -78,7 +79,7 @@ def test_succeeded_callback_resolves_the_task_with_all_result_fields() -> None:
     assert not tasks[2].done()
     assert registry.get("t1") is None
     assert registry.pending_count == 2
-    assert registry.counters.resolved == 1
+    assert registry.counters.resolved_by_callback == 1
 
 
 @pytest.mark.parametrize(
@@ -113,7 +114,7 @@ def test_unfinished_status_updates_the_task_and_keeps_it_pending(status: str) ->
     assert task.status == status
     assert not task.done()
     assert registry.pending_count == 1
-    assert registry.counters.progress == 1
+    assert registry.counters == Counters()  # progress is not counted: nothing resolved
 
 
 def test_second_callback_after_resolve_is_a_duplicate_and_changes_nothing() -> None:
@@ -128,8 +129,8 @@ def test_second_callback_after_resolve_is_a_duplicate_and_changes_nothing() -> N
     assert again is failed is kx.CallbackOutcome.DUPLICATE
     assert task.result().image_url == "https://cdn.test/first.png"
     assert task.status == "SUCCEEDED"
-    assert registry.counters.duplicates == 2
-    assert registry.counters.resolved == 1
+    assert registry.counters.callbacks_duplicate == 2
+    assert registry.counters.resolved_by_callback == 1
 
 
 def test_trusted_callback_without_submission_resolves_any_task() -> None:
@@ -153,7 +154,7 @@ def test_early_callback_is_buffered_then_applied_when_its_submission_registers()
     registry, _ = _registry()
     assert registry.apply(_succeeded("t1"), "s1") is kx.CallbackOutcome.BUFFERED
     assert registry.early_count == 1
-    assert registry.counters.buffered == 1
+    assert registry.counters.callbacks_buffered == 1
 
     task = Task("t1", REQUEST, 0, submission_id="s1")
     other = Task("t2", REQUEST, 1, submission_id="s1")
@@ -163,7 +164,7 @@ def test_early_callback_is_buffered_then_applied_when_its_submission_registers()
     assert not other.done()
     assert registry.early_count == 0
     assert registry.pending_count == 1
-    assert registry.counters.resolved == 1
+    assert registry.counters.resolved_by_callback == 1
 
 
 def test_early_failure_is_applied_at_register() -> None:
@@ -190,7 +191,7 @@ def test_early_callback_of_another_submission_is_never_applied_and_ages_out(
     clock.now += 61.0
     with caplog.at_level(logging.WARNING, logger="keevx_async"):
         assert registry.early_count == 0
-    assert registry.counters.evicted == 1
+    assert registry.counters.callbacks_evicted == 1
     assert any("t1" in r.getMessage() for r in caplog.records)
     assert not task.done()
     assert registry.pending_count == 1
@@ -219,8 +220,8 @@ def test_repeated_early_callback_is_kept_once() -> None:
     second = registry.apply(_succeeded("t1", "https://cdn.test/b.png"), "s1")
     assert first is second is kx.CallbackOutcome.BUFFERED
     assert registry.early_count == 1
-    assert registry.counters.buffered == 1
-    assert registry.counters.duplicates == 1
+    assert registry.counters.callbacks_buffered == 1
+    assert registry.counters.callbacks_duplicate == 1
     task = Task("t1", REQUEST, 0, submission_id="s1")
     registry.register([task])
     assert task.result().image_url == "https://cdn.test/a.png"
@@ -236,7 +237,7 @@ def test_full_early_buffer_evicts_the_oldest_first_and_logs_it(
             clock.now += 1.0
 
     assert registry.early_count == 2
-    assert registry.counters.evicted == 1
+    assert registry.counters.callbacks_evicted == 1
     warnings = [
         r for r in caplog.records if r.name == "keevx_async" and r.levelno == logging.WARNING
     ]
@@ -262,7 +263,7 @@ def test_early_callback_expires_after_its_max_age() -> None:
     tasks = [Task("t1", REQUEST, 0, submission_id="s1"), Task("t2", REQUEST, 1, submission_id="s1")]
     registry.register(tasks)
     assert [task.done() for task in tasks] == [False, True]
-    assert registry.counters.evicted == 1
+    assert registry.counters.callbacks_evicted == 1
 
 
 def test_young_early_callback_survives_until_register() -> None:
@@ -279,7 +280,7 @@ def test_max_early_zero_keeps_no_early_callbacks(caplog: pytest.LogCaptureFixtur
     with caplog.at_level(logging.WARNING, logger="keevx_async"):
         assert registry.apply(_succeeded("t1"), "s1") is kx.CallbackOutcome.BUFFERED
     assert registry.early_count == 0
-    assert registry.counters.evicted == 1
+    assert registry.counters.callbacks_evicted == 1
     assert any("disabled" in r.getMessage() for r in caplog.records)
     task = Task("t1", REQUEST, 0, submission_id="s1")
     registry.register([task])
@@ -314,8 +315,8 @@ def test_foreign_token_on_a_known_task_is_refused_and_changes_nothing(
     assert not task.done()
     assert task.status == "PROCESSING"
     assert registry.get("t1") is task
-    assert registry.counters.rejected == 1
-    assert registry.counters.resolved == 0
+    assert registry.counters.callbacks_rejected == 1
+    assert registry.counters.resolved_by_callback == 0
     assert any("another submission" in r.getMessage() for r in caplog.records)
     # The rightful callback still works afterwards.
     assert registry.apply(_succeeded("t1"), "s1") is kx.CallbackOutcome.RESOLVED
@@ -393,7 +394,7 @@ def test_resolved_task_is_not_pending_and_its_id_answers_duplicate() -> None:
     assert registry.pending_count == 0
     assert registry.get("t1") is None
     assert registry.apply(_succeeded("t1"), "s1") is kx.CallbackOutcome.DUPLICATE
-    assert registry.counters.resolved == 1
+    assert registry.counters.resolved_by_callback == 1
 
 
 def test_abandoned_task_ids_are_remembered_within_the_same_bounded_window() -> None:
@@ -468,7 +469,7 @@ def test_callbacks_in_any_order_around_register_resolve_each_task_once(
     for task in tasks:
         assert task.result().image_url == f"https://cdn.test/{task.task_id}.png"
         assert task.result().index == task.index
-    assert registry.counters.resolved == count
+    assert registry.counters.resolved_by_callback == count
     assert registry.pending_count == 0
     assert registry.early_count == 0
 
