@@ -15,7 +15,7 @@ import anyio
 import attrs
 
 from ._exceptions import KeevxError, TaskFailedError, TaskPendingError, TaskTimeoutError
-from ._models import FINISHED_OK, CallbackPayload, ImageRequest, ImageResult
+from ._models import FINISHED_OK, CallbackPayload, ImageRequest, ImageResult, make_image_result
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Sequence
@@ -202,9 +202,8 @@ class Task:
         """Finish the task from a finished callback or snapshot (first one wins)."""
         status = self.status = payload.status
         if status == FINISHED_OK:
-            # Positional, in field order: the keywords would cost a third of a callback's
-            # time in the registry.
-            result = ImageResult(
+            # A payload's raw is read-only already: no converter needed.
+            result = make_image_result(
                 payload.task_id,
                 payload.image_url,
                 self.request,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -10,7 +11,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import keevx_async as kx
-from keevx_async._models import CallbackPayload, is_finished
+from keevx_async._models import (
+    CallbackPayload,
+    is_finished,
+    make_callback_payload,
+    make_image_result,
+)
 from keevx_async._types import IMAGE_EXTENSIONS, IMAGE_QUALITIES, IMAGE_RATIOS, MODULES
 
 # --- strategies ---------------------------------------------------------------------------
@@ -374,3 +380,49 @@ def test_callback_outcome_reads_as_its_value(outcome: kx.CallbackOutcome, text: 
     assert f"{outcome}" == text
     assert outcome == text
     assert kx.CallbackOutcome(text) is outcome
+
+
+# --- the hot path's builders make the very objects the classes make ---------------------------
+
+_TEXT = st.text(max_size=12)
+
+
+@settings(max_examples=200)
+@given(_TEXT, _TEXT, _TEXT, _TEXT, _TEXT, st.integers(), _TEXT, st.dictionaries(_TEXT, _TEXT))
+def test_make_callback_payload_builds_what_the_class_builds(  # noqa: PLR0917
+    task_id: str,
+    status: str,
+    image_url: str,
+    error_message: str,
+    task_type: str,
+    code: int,
+    msg: str,
+    raw: dict[str, str],
+) -> None:
+    values = (task_id, status, image_url, error_message, task_type, code, msg)
+    built = make_callback_payload(*values, MappingProxyType(raw))
+    expected = CallbackPayload(*values, raw)
+    assert type(built) is CallbackPayload
+    # Every field, raw included (eq=False on it, so compare it apart).
+    assert attrs.astuple(built, recurse=False) == attrs.astuple(expected, recurse=False)
+    assert built == expected
+    assert hash(built) == hash(expected)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        built.status = "other"  # type: ignore[misc]
+
+
+@settings(max_examples=200)
+@given(_TEXT, _TEXT, st.integers(0, 9), _TEXT, _TEXT, st.dictionaries(_TEXT, _TEXT))
+def test_make_image_result_builds_what_the_class_builds(  # noqa: PLR0917
+    task_id: str, image_url: str, index: int, status: str, task_type: str, raw: dict[str, str]
+) -> None:
+    request = kx.ImageRequest("a lighthouse")
+    frozen = MappingProxyType(raw)
+    built = make_image_result(task_id, image_url, request, index, status, task_type, frozen)
+    expected = kx.ImageResult(task_id, image_url, request, index, status, task_type, frozen)
+    assert type(built) is kx.ImageResult
+    assert attrs.astuple(built, recurse=False) == attrs.astuple(expected, recurse=False)
+    assert built == expected
+    assert repr(built) == repr(expected)
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        built.image_url = "other"  # type: ignore[misc]

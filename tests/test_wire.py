@@ -21,6 +21,7 @@ from keevx_async._wire import (
     WireFormatError,
     _decode_callback,
     _decode_callback_fast,
+    _scan_object,
     converter,
     decode_callback,
     decode_envelope,
@@ -733,3 +734,29 @@ def test_plain_shaped_callback_with_a_null_field_reads_as_ever(where: str, key: 
     (body["data"] if where == "data" else body)[key] = None
     raw = json.dumps(body).encode()
     assert decode_callback(raw) == _decode_callback(json.loads(raw))
+
+
+# --- without orjson: the scanner json.loads runs, without its wrappers ------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(_NUMBERS_AND_MORE, st.booleans(), st.sampled_from(["", " ", "\n", "\ufeff", " x"]))
+def test_scan_object_reads_what_json_loads_reads_or_nothing(
+    value: object, ascii_only: bool, around: str
+) -> None:
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    for body in ((text + around).encode(), (around + text).encode()):
+        scanned = _scan_object(body)
+        if scanned is None:
+            continue  # goes to load_json: the json module's own reading and messages
+        assert repr(scanned) == repr(json.loads(body))
+    # A document alone, as a callback is posted, is read here (not left to load_json).
+    if value is not None:
+        assert repr(_scan_object(text.encode())) == repr(value)
+
+
+@pytest.mark.parametrize(
+    "body", [b"", b"{", b'{"a": 1} x', b" {}", b"{} ", b"\xff", b'"\xed\xa0\x80"', b"[1,]"]
+)
+def test_scan_object_leaves_anything_unusual_to_the_json_module(body: bytes) -> None:
+    assert _scan_object(body) is None
