@@ -26,6 +26,7 @@ import anyio
 import httpx
 
 from keevx_async._client import AsyncKeevx
+from keevx_async._taskgroups import enter_task_group, exit_task_group
 from keevx_async.testing._deliverer import CallbackDeliverer
 from keevx_async.testing._faults import FaultScript
 from keevx_async.testing._http_server import LoopbackServer, serve_asgi
@@ -451,9 +452,7 @@ class FakeKeevx:
             on_delivered=self._delivered,
             on_failed=self._delivery_failed,
         )
-        task_group = anyio.create_task_group()
-        await task_group.__aenter__()
-        self._task_group = task_group
+        task_group = self._task_group = await enter_task_group()
         task_group.start_soon(
             self._scheduler.run, functools.partial(self._start_deliveries, task_group)
         )
@@ -471,11 +470,8 @@ class FakeKeevx:
         if task_group is None:
             raise RuntimeError("FakeKeevx is not running")
         self._task_group = None
-        task_group.cancel_scope.cancel()
         try:
-            # The block's own exception is not passed in, so it propagates as raised
-            # instead of wrapped in an exception group.
-            await task_group.__aexit__(None, None, None)
+            await exit_task_group(task_group)
         finally:
             client, self._owned_client = self._owned_client, None
             if client is not None:
