@@ -9,6 +9,7 @@ a hundred thousand ``Task`` objects and nothing more.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable, Iterable
 from contextlib import aclosing
@@ -21,6 +22,8 @@ from ._exceptions import KeevxError, TaskTimeoutError
 from ._models import ImageRequest, ImageResult
 from ._task import Submission, Task
 from ._taskgroups import enter_task_group, exit_task_group
+
+logger = logging.getLogger("keevx_async")
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -55,6 +58,13 @@ def as_request(item: object, position: int) -> ImageRequest:
         f"requests[{position}] must be an ImageRequest or a prompt string; "
         f"got {type(item).__name__}"
     )
+
+
+def _unexpected(exc: Exception) -> KeevxError:
+    error = KeevxError(f"the submit failed unexpectedly: {exc!r}")
+    error.maybe_created = True
+    error.__cause__ = exc
+    return error
 
 
 class Batch:
@@ -103,7 +113,6 @@ class Batch:
         self._deadlines: deque[tuple[float, Task]] = deque()
         self._submitting = 0
         self._input_done = False
-        self._error: BaseException | None = None
         self._input_error: BaseException | None = None
         self._wakeup: anyio.Event | None = None
         self._timer_wakeup: anyio.Event | None = None
@@ -180,8 +189,6 @@ class Batch:
                 if self._room is not None:
                     self._room.set()
                 return self._completed.popleft()
-            if self._error is not None:
-                raise self._error
             if self._input_done and not self._submitting and not self._outstanding:
                 if self._input_error is not None:
                     # Only now: every request read before the bad one has been reported.
@@ -241,13 +248,20 @@ class Batch:
     ) -> None:
         try:
             submission = await self._submit(request)
-        except KeevxError as exc:
+        except Exception as exc:  # reported as this request's error, below
+            if not isinstance(exc, KeevxError):
+                # A bug, or a transport of the caller's failing with an error of its own:
+                # this request's error, reported like any other. The other requests go on
+                # (their tasks may be paid for); whether this one reached the service is
+                # unknown.
+                logger.exception(
+                    "submitting request %d failed unexpectedly; the batch goes on", position
+                )
+                exc = _unexpected(exc)
             self.submit_failed += 1
             failed = Task._not_submitted(request, exc)
             failed.position = position
             self._completed.append(failed)
-        except Exception as exc:  # noqa: BLE001 - a bug or a broken transport: stop the batch
-            self._error = exc
         else:
             self.submitted += 1
             deadline = None if self._timeout is None else anyio.current_time() + self._timeout

@@ -23,6 +23,7 @@ from ._callbacks import CallbackIntake
 from ._exceptions import (
     APIError,
     AuthenticationError,
+    InvalidRequestError,
     KeevxError,
 )
 from ._http import HTTPEngine, build_http_client, read_envelope
@@ -32,6 +33,7 @@ from ._models import (
     ImageResult,
     TaskSnapshot,
     check_http_url,
+    check_text,
 )
 from ._receiver import DEFAULT_MAX_BODY_SIZE, CallbackApp
 from ._reconcile import Reconciler
@@ -89,6 +91,14 @@ def _submit_slots(count: int) -> anyio.Semaphore | anyio.CapacityLimiter:
         return anyio.Semaphore(count, fast_acquire=True)
     except TypeError:  # pragma: no cover - anyio < 4.7 (nox -s tests_lowest)
         return anyio.CapacityLimiter(count)
+
+
+def _check_task_id(task_id: object) -> None:
+    if not isinstance(task_id, str) or not task_id:
+        raise InvalidRequestError(
+            f"task_id must be a non-empty string; got {task_id!r}", field="task_id"
+        )
+    check_text(task_id, "task_id")
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -469,8 +479,7 @@ class AsyncKeevx:
             APIError: the service answered with an error (``code`` 110002: not found).
             TransportError: the exchange failed after retries.
         """
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError(f"task_id must be a non-empty string; got {task_id!r}")
+        _check_task_id(task_id)
         self._check_open()
         url = f"{self._submit_url}/{quote(task_id, safe='')}"
         response = await self._engine.send(
@@ -514,8 +523,7 @@ class AsyncKeevx:
                 the task's request.
             RouterError: the router's store could not be read.
         """
-        if not isinstance(task_id, str) or not task_id:
-            raise ValueError(f"task_id must be a non-empty string; got {task_id!r}")
+        _check_task_id(task_id)
         if request is not None and not isinstance(request, ImageRequest):
             raise TypeError(f"request must be an ImageRequest; got {type(request).__name__}")
         self._check_open()

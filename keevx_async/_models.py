@@ -84,6 +84,36 @@ def _one_of(allowed: tuple[str, ...]) -> Any:
     return check
 
 
+def unencodable_at(text: str) -> int | None:
+    """The index of the first character of ``text`` that UTF-8 cannot encode (a lone
+    surrogate such as ``"\\ud800"``, which JSON escapes and Python strings allow), or
+    ``None`` when the whole text encodes."""
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def check_text(value: str, field: str) -> str:
+    """Return ``value`` if UTF-8 can encode it, else raise naming ``field``.
+
+    Every text the SDK will send (request fields, task IDs, URLs) goes through here where
+    it enters, so that no ``UnicodeEncodeError`` can surface later, after other requests
+    were already sent.
+    """
+    index = unencodable_at(value)
+    if index is not None:
+        raise InvalidRequestError(
+            f"{field} is not valid Unicode: it has a lone surrogate {value[index]!r} at "
+            f"index {index}, which cannot be sent (UTF-8 cannot encode it)",
+            field=field,
+        )
+    return value
+
+
 def _check_prompt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str):
         raise InvalidRequestError(
@@ -94,6 +124,7 @@ def _check_prompt(_: object, attribute: attrs.Attribute[Any], value: object) -> 
             f"prompt must be 1..{MAX_PROMPT_LENGTH} characters; got {len(value)}",
             field="prompt",
         )
+    check_text(value, "prompt")
 
 
 def _check_generate_count(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -114,6 +145,7 @@ def check_http_url(value: object, field: str) -> str:
         raise InvalidRequestError(
             f"{field} must be a URL string; got {type(value).__name__}", field=field
         )
+    check_text(value, field)
     try:
         parts = urlsplit(value)
         host = parts.hostname

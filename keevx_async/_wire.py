@@ -10,7 +10,7 @@ every field as received in ``raw``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -18,7 +18,13 @@ import attrs
 import cattrs
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
-from ._models import CallbackPayload, ImageRequest, TaskSnapshot, make_callback_payload
+from ._models import (
+    CallbackPayload,
+    ImageRequest,
+    TaskSnapshot,
+    make_callback_payload,
+    unencodable_at,
+)
 from ._types import FINISHED_OK
 
 try:
@@ -166,15 +172,61 @@ def load_json(body: bytes | str, what: str) -> Any:
         and _LONG_DIGIT_RUN not in body.translate(_DIGITS_AS_ZERO)
     ):
         try:
-            return _fast_loads(body)
+            return _fast_loads(body)  # it refuses lone surrogates: json.loads reads them
         except ValueError:
             pass
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise WireFormatError(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise WireFormatError(f"{what} is nested too deeply to be read") from None
+    if _may_hold_surrogates(body):
+        require_unicode(value, what)
+    return value
+
+
+def _may_hold_surrogates(body: bytes | str) -> bool:
+    """Whether JSON text ``body`` may decode to a lone surrogate: only through a
+    ``\\uD800``-``\\uDFFF`` escape, UTF-8 bytes of a surrogate (json.loads reads bytes with
+    ``surrogatepass``) or, in a ``str``, the character itself."""
+    if type(body) is bytes:
+        return b"\\ud" in body or b"\\uD" in body or b"\xed" in body
+    return not body.isascii() or "\\ud" in body or "\\uD" in body
+
+
+def require_unicode(value: object, what: str) -> None:
+    """Raise `WireFormatError` naming the field if any text in the parsed JSON ``value``
+    (keys included) holds a lone surrogate, which no later encoding could write."""
+    found = _lone_surrogate(value, "")
+    if found is not None:
+        field, index = found
+        where = f" field {field!r}" if field else ""
+        raise WireFormatError(
+            f"{what}{where} is not valid Unicode: a lone surrogate at index {index}",
+            field=field or None,
+        )
+
+
+def _lone_surrogate(value: object, path: str) -> tuple[str, int] | None:
+    if isinstance(value, str):
+        index = unencodable_at(value)
+        return None if index is None else (path, index)
+    items: Iterable[tuple[object, object]]
+    if isinstance(value, Mapping):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip(".")
+        if isinstance(key, str) and (index := unencodable_at(key)) is not None:
+            return f"{path}.{key!a}".lstrip("."), index
+        found = _lone_surrogate(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def _scan_object(body: bytes) -> Any:
@@ -318,15 +370,16 @@ def decode_callback(body: bytes | str | Mapping[str, Any]) -> CallbackPayload:
                 payload = _decode_callback_fast(value, owned=True, plain=True)
                 if payload is not None:
                     return payload
-        else:
+        elif not _may_hold_surrogates(body):
             # The hot path without orjson: what json.loads reads, read for less.
             value = _scan_object(body)
             if value is not None:
                 return _decode_callback_fast(value, owned=True) or _decode_callback(value)
     # Bytes first: that is what a receiver has, and isinstance(..., Mapping) is slow.
     if type(body) is bytes or not isinstance(body, Mapping):
-        value = load_json(body, "callback body")
+        value = load_json(body, "callback body")  # refuses lone surrogates
         return _decode_callback_fast(value, owned=True) or _decode_callback(value)
+    require_unicode(body, "callback body")
     return _decode_callback_fast(body, owned=False) or _decode_callback(body)
 
 

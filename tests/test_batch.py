@@ -290,21 +290,58 @@ async def test_batch_concurrency_is_capped_at_the_server() -> None:
     assert batch.submitting == 0
 
 
-class BrokenTransport(httpx.AsyncBaseTransport):
-    """A transport failing with an error that is not httpx's: a bug, not a network fault."""
+class BreaksOnce(httpx.AsyncBaseTransport):
+    """The fake's transport, except that one submit fails with an error that is not
+    httpx's (a bug in a transport of the caller's, not a network fault)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, breaks_at: int) -> None:
+        self.inner = inner
+        self.breaks_at = breaks_at
+        self.posts = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        raise RuntimeError("transport bug")
+        if request.method == "POST":
+            self.posts += 1
+            if self.posts == self.breaks_at:
+                raise RuntimeError("transport bug")
+        return await self.inner.handle_async_request(request)
 
 
-async def test_unexpected_error_in_a_submit_stops_the_batch_unwrapped() -> None:
-    async with httpx.AsyncClient(transport=BrokenTransport()) as http:
-        client = kx.AsyncKeevx(api_key="k", base_url="https://api.example.test", http_client=http)
-        with pytest.raises(RuntimeError, match="transport bug"):
-            async with client.batch(["a", "b"]) as batch:
-                async for _task in batch:
-                    pass
-        assert client.stats.pending == 0
+async def test_unexpected_error_in_one_submit_is_that_requests_error_and_the_batch_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    prompts = [f"p{i}" for i in range(11)]
+    async with kx.testing.FakeKeevx(complete_after=0.001, seed=7) as fake:
+        transport = BreaksOnce(httpx.ASGITransport(app=fake), breaks_at=6)
+        async with (
+            httpx.AsyncClient(transport=transport) as http,
+            kx.AsyncKeevx(
+                api_key="test",
+                base_url=fake.base_url,
+                callback_url="https://app.example.test/cb",
+                http_client=http,
+            ) as client,
+        ):
+            fake.deliver_into(client)
+            async with client.batch(prompts, concurrency=1) as batch:
+                tasks = [task async for task in batch]
+    # Ten requests were accepted (and paid for): every one of their tasks is yielded.
+    succeeded = {task.request.prompt: task.result().task_id for task in tasks if task.task_id}
+    assert len(succeeded) == 10 == fake.accepted_submits
+    assert set(succeeded.values()) == set(fake.tasks)
+    # The sixth request is reported as its own failure, with the cause kept.
+    (failed,) = [task for task in tasks if task.task_id is None]
+    assert failed.request.prompt == "p5"
+    assert failed.position == 5
+    error = failed.exception()
+    assert type(error) is kx.KeevxError
+    assert error.maybe_created is True
+    assert isinstance(error.__cause__, RuntimeError)
+    assert "transport bug" in str(error)
+    assert batch.submit_failed == 1
+    assert batch.submitted == 10
+    assert "submitting request 5 failed unexpectedly" in caplog.text
+    assert client.stats.pending == 0
 
 
 async def test_batch_refuses_bad_options() -> None:

@@ -786,6 +786,20 @@ async def test_retrieve_refuses_an_empty_task_id() -> None:
     assert fake.get_calls == 0
 
 
+@pytest.mark.parametrize("task_id", ["\ud800", "i2is-\udfff-1"])
+async def test_a_task_id_with_a_lone_surrogate_is_refused_before_anything_is_sent(
+    task_id: str,
+) -> None:
+    async with wired() as (fake, client):
+        with pytest.raises(kx.InvalidRequestError, match="lone surrogate") as caught:
+            await client.retrieve(task_id)
+        assert caught.value.field == "task_id"
+        with pytest.raises(kx.InvalidRequestError, match="lone surrogate"):
+            await client.task(task_id, request=kx.ImageRequest("a fox"))
+        assert client.stats.pending == 0
+    assert fake.get_calls == 0
+
+
 # --- construction ------------------------------------------------------------------------
 
 

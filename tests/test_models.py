@@ -426,3 +426,33 @@ def test_make_image_result_builds_what_the_class_builds(  # noqa: PLR0917
     assert repr(built) == repr(expected)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         built.image_url = "other"  # type: ignore[misc]
+
+
+# --- text the SDK cannot send is refused where it enters -----------------------------------------
+
+
+@settings(max_examples=100)
+@given(
+    st.text(min_size=0, max_size=20),
+    st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"]),
+    st.text(min_size=0, max_size=20),
+)
+def test_a_lone_surrogate_in_any_text_field_names_the_field(
+    before: str, lone: str, after: str
+) -> None:
+    assume(len(before) + len(after) < 900)
+    with pytest.raises(kx.InvalidRequestError, match="lone surrogate") as caught:
+        kx.ImageRequest(before + lone + after)
+    assert caught.value.field == "prompt"
+    url = f"https://img.test/{lone}.png"
+    with pytest.raises(kx.InvalidRequestError, match="lone surrogate") as caught:
+        kx.ImageRequest("ok", reference_images=["https://img.test/a.png", url])
+    assert caught.value.field == "reference_images[1]"
+    with pytest.raises(kx.InvalidRequestError, match="lone surrogate") as caught:
+        kx.ImageRequest("ok", callback_url=f"https://app.test/cb?{lone}")
+    assert caught.value.field == "callback_url"
+
+
+def test_any_other_unicode_is_kept_as_given() -> None:
+    prompt = "un renard \u00e9carlate \U0001f98a \u72d0\u72f8"
+    assert kx.ImageRequest(prompt).prompt == prompt

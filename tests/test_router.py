@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from redis_support import REDIS_URL, TcpProxy, kill_connections, prefix_keys, sync_redis
-from wiring import API_KEY, CALLBACK_URL
+from wiring import API_KEY, CALLBACK_URL, callback_body
 
 import keevx_async as kx
 from keevx_async._models import CallbackPayload
@@ -188,6 +188,28 @@ async def test_a_callback_for_the_receivers_own_task_stays_local_and_is_recorded
         assert task.done()
         assert task.result().image_url == image_of(image.task_id)
         assert task.request.prompt == "local"
+
+
+async def test_a_lone_surrogate_in_a_routed_callback_is_a_400_and_changes_nothing(
+    redis_prefix: str,
+) -> None:
+    # Found by adversarial testing: the record for Redis could not be encoded (HTTP 500).
+    async with workers(redis_prefix, complete_after=1e9) as (fake, (owner, other)):
+        submission = await owner.submit(kx.ImageRequest("a fox"))
+        (fake_task,) = fake.tasks.values()
+        assert fake_task.callback_url is not None
+        genuine = callback_body(fake_task.task_id, image_url=image_of(fake_task.task_id))
+        forged = genuine.replace(b".png", b"\\ud83d.png")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=other.callback_app)) as http:
+            refused = await http.post(fake_task.callback_url, content=forged)
+            assert refused.status_code == 400
+            assert "data.image_url" in refused.text
+            assert not submission.tasks[0].done()
+            accepted = await http.post(fake_task.callback_url, content=genuine)
+            assert accepted.status_code == 200
+        image = await submission.tasks[0].wait(5)
+        assert image.image_url == image_of(fake_task.task_id)
+        assert other.stats.callbacks_malformed == 1
 
 
 async def test_duplicates_after_the_owner_finished_change_nothing(redis_prefix: str) -> None:

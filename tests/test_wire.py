@@ -611,7 +611,6 @@ def test_raw_of_a_parsed_body_is_read_only_without_a_copy_of_a_callers_mapping()
         b'{"big": -9223372036854775809, "ok": 9223372036854775807}',
         b'{"big": 18446744073709551616}',
         b"[0.12345678901234567890123, 1e-999]",
-        '{"text": "\\ud800"}',  # a lone surrogate
         b'\xef\xbb\xbf{"bom": 1}',
         '{"a": 1}'.encode("utf-16"),
         b'{"a": 1.5e999}',
@@ -760,3 +759,60 @@ def test_scan_object_reads_what_json_loads_reads_or_nothing(
 )
 def test_scan_object_leaves_anything_unusual_to_the_json_module(body: bytes) -> None:
     assert _scan_object(body) is None
+
+
+# --- lone surrogates: refused where they enter, naming the field --------------------------------
+
+_LONE = st.sampled_from(["\ud800", "\udbff", "\udc00", "\udfff"])
+
+
+@pytest.mark.parametrize("body", [b'{"text": "\\ud800"}', '{"text": "\\udfff"}'])
+def test_load_json_refuses_a_lone_surrogate_naming_the_field(body: bytes | str) -> None:
+    with pytest.raises(WireFormatError, match="field 'text' is not valid Unicode") as caught:
+        load_json(body, "thing")
+    assert caught.value.field == "text"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(["task_id", "status", "image_url", "error_message", "extra"]),
+    _LONE,
+    st.sampled_from(["bytes", "text", "mapping", "utf8-bytes"]),
+)
+def test_a_callback_with_a_lone_surrogate_anywhere_is_refused_naming_it(
+    where: str, lone: str, form: str
+) -> None:
+    data: dict[str, Any] = {
+        "task_id": "t-1",
+        "status": "SUCCEEDED",
+        "image_url": "https://x.test/1.png",
+        "error_message": "",
+        "extra": ["ok"],
+    }
+    if where == "extra":
+        data["extra"] = ["ok", f"a{lone}b"]
+    else:
+        data[where] = f"{data[where]}{lone}"
+    document = {"code": 0, "msg": "ok", "task_type": "image_generate", "data": data}
+    body: bytes | str | Mapping[str, Any]
+    if form == "bytes":
+        body = json.dumps(document).encode()  # the escape, \\udXXX
+    elif form == "text":
+        body = json.dumps(document, ensure_ascii=False)  # the character itself
+    elif form == "utf8-bytes":
+        body = json.dumps(document, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    else:
+        body = document
+    with pytest.raises(WireFormatError, match="not valid Unicode") as caught:
+        decode_callback(body)
+    field = "data.extra[1]" if where == "extra" else f"data.{where}"
+    if form == "utf8-bytes":
+        # Not UTF-8 as the json module reads it either way: refused as such or by field.
+        assert caught.value.field in (None, field)
+    else:
+        assert caught.value.field == field
+
+
+def test_a_surrogate_pair_is_a_character_and_reads_fine() -> None:
+    body = b'{"data": {"task_id": "t", "status": "SUCCEEDED", "image_url": "https://x/\\ud83d\\ude00.png"}}'
+    assert decode_callback(body).image_url == "https://x/\U0001f600.png"
