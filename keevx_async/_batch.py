@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 import anyio
 import anyio.abc
 
+from ._checks import check_int, check_seconds
 from ._exceptions import KeevxError, TaskTimeoutError
 from ._models import ImageRequest, ImageResult
 from ._task import Submission, Task
@@ -98,11 +99,8 @@ class Batch:
         timeout: float | None,
         max_pending: int = DEFAULT_MAX_PENDING,
     ) -> None:
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 or None; got {timeout!r}")
-        if not isinstance(max_pending, int) or max_pending < 1:
-            raise ValueError(f"max_pending must be an int >= 1; got {max_pending!r}")
-        self._max_pending = max_pending
+        timeout = check_seconds("timeout", timeout, none_ok=True)
+        self._max_pending = check_int("max_pending", max_pending, minimum=1)
         self._requests = requests
         self._submit = submit
         self._abandon = abandon

@@ -19,7 +19,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from ._exceptions import CallbackAuthError, CallbackError, RouterError, UnknownTaskError
+from ._exceptions import (
+    CallbackAuthError,
+    CallbackError,
+    ClientClosedError,
+    RouterError,
+    UnknownTaskError,
+)
 from ._models import FINISHED_OK, CallbackOutcome, CallbackPayload
 from ._router import decode_record
 from ._task import Task
@@ -52,6 +58,10 @@ class _RouterHost:
     ) -> None:
         self.deliver = deliver
         self.pending_tasks = pending_tasks
+
+
+def _closed_error(task: Task) -> ClientClosedError:
+    return ClientClosedError(task_id=task.task_id, request=task.request)
 
 
 class CallbackIntake:
@@ -141,6 +151,17 @@ class CallbackIntake:
         self.registry.abandon(task)
         if self._shares and task.task_id is not None:
             self.router.release(task.task_id)
+
+    def close(self) -> int:
+        """End every unfinished task with `ClientClosedError`, and any registered from
+        now on (the client is closing); how many were unfinished."""
+        tasks = self.registry.pending_tasks()
+        count = self.registry.close(_closed_error)
+        if self._shares:
+            for task in tasks:
+                if task.task_id is not None:  # pragma: no branch (pending tasks have one)
+                    self.router.release(task.task_id)
+        return count
 
     def is_pending(self, task_id: str) -> bool:
         """Whether a task with this ID waits here."""

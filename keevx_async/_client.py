@@ -20,6 +20,7 @@ import httpx
 
 from ._batch import DEFAULT_MAX_PENDING, Batch, as_request, collect_aligned
 from ._callbacks import CallbackIntake
+from ._checks import check_bool, check_http_timeout, check_int, check_seconds
 from ._exceptions import (
     APIError,
     AuthenticationError,
@@ -101,12 +102,6 @@ def _check_task_id(task_id: object) -> None:
     check_text(task_id, "task_id")
 
 
-def _positive_int(name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1; got {value!r}")
-    return value
-
-
 class AsyncKeevx:
     """The async client of the Keevx image generation API (asyncio and trio).
 
@@ -186,6 +181,14 @@ class AsyncKeevx:
             raise AuthenticationError(
                 "no API key: pass api_key= or set the KEEVX_API_KEY environment variable"
             )
+        if not isinstance(api_key, str):
+            raise TypeError(f"api_key must be a string; got {type(api_key).__name__}")
+        if not (api_key.isascii() and api_key.isprintable()) or api_key != api_key.strip():
+            # It goes into the Authorization header, which only takes printable ASCII.
+            raise ValueError(
+                "api_key must be printable ASCII with no surrounding spaces (it goes into "
+                "an HTTP header): check for a stray character or newline copied with it"
+            )
         base_url = base_url or os.environ.get("KEEVX_BASE_URL") or DEFAULT_BASE_URL
         self.base_url: str = check_http_url(base_url, "base_url").rstrip("/")
         callback_url = callback_url or os.environ.get("KEEVX_CALLBACK_URL") or None
@@ -196,19 +199,24 @@ class AsyncKeevx:
             raise ValueError(
                 f"callback_token_in must be 'query' or 'path'; got {callback_token_in!r}"
             )
-        self.max_concurrency = _positive_int("max_concurrency", max_concurrency)
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0; got {max_retries!r}")
-        if not max_retry_wait >= 0:
-            raise ValueError(f"max_retry_wait must be >= 0; got {max_retry_wait!r}")
-        if reconcile_after is not None and not reconcile_after > 0:
-            raise ValueError(f"reconcile_after must be > 0 or None; got {reconcile_after!r}")
-        if reconcile_per_second is not None and not reconcile_per_second > 0:
-            raise ValueError(
-                f"reconcile_per_second must be > 0 or None; got {reconcile_per_second!r}"
+        # Every option is checked here, before anything can be sent (see _checks).
+        self.max_concurrency = check_int("max_concurrency", max_concurrency, minimum=1)
+        max_per_second = check_seconds("max_per_second", max_per_second, none_ok=True)
+        max_retries = check_int("max_retries", max_retries, minimum=0)
+        max_retry_wait = check_seconds("max_retry_wait", max_retry_wait, zero_ok=True)
+        http_timeout = check_http_timeout(timeout)
+        if http_client is not None and not isinstance(http_client, httpx.AsyncClient):
+            raise TypeError(
+                f"http_client must be an httpx.AsyncClient; got {type(http_client).__name__}"
             )
-        if max_callback_body < 1:
-            raise ValueError(f"max_callback_body must be >= 1; got {max_callback_body!r}")
+        verify_callbacks = check_bool("verify_callbacks", verify_callbacks)
+        reconcile_after = check_seconds("reconcile_after", reconcile_after, none_ok=True)
+        reconcile_per_second = check_seconds(
+            "reconcile_per_second", reconcile_per_second, none_ok=True
+        )
+        max_early_callbacks = check_int("max_early_callbacks", max_early_callbacks, minimum=0)
+        early_callback_max_age = check_seconds("early_callback_max_age", early_callback_max_age)
+        max_callback_body = check_int("max_callback_body", max_callback_body, minimum=1)
         if router is not None and not isinstance(router, CallbackRouter):
             raise TypeError(
                 f"router must be a CallbackRouter (LocalRouter, RedisRouter); "
@@ -217,19 +225,18 @@ class AsyncKeevx:
         self.router: CallbackRouter = router if router is not None else LocalRouter()
         """Where callbacks for tasks of other processes go (see ``router=``)."""
         self.max_retries = max_retries
-        self.max_retry_wait = float(max_retry_wait)
+        self.max_retry_wait = max_retry_wait
         self.verify_callbacks = verify_callbacks
         self.callback_token_in: CallbackTokenIn = callback_token_in
         self.reconcile_after = reconcile_after
-        timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._counters = Counters()
         self._limiter = _submit_slots(self.max_concurrency)
         self._engine = HTTPEngine(
             api_key=api_key,
             base_url=self.base_url,
-            http=http_client or build_http_client(self.max_concurrency, timeout),
+            http=http_client or build_http_client(self.max_concurrency, http_timeout),
             owns_http=http_client is None,
-            timeout=timeout,
+            timeout=http_timeout,
             throttle=Throttle(max_per_second),
             max_retries=max_retries,
             max_retry_wait=self.max_retry_wait,
@@ -304,6 +311,8 @@ class AsyncKeevx:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        # The tasks end first, while the router still runs to release their claims.
+        self._end_unfinished_tasks()
         task_group, self._task_group = self._task_group, None
         try:
             if task_group is not None:
@@ -312,13 +321,26 @@ class AsyncKeevx:
             await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop the lookup sweeper and close the client's own HTTP connections (an
-        injected ``http_client`` is left open)."""
+        """Close the client: every unfinished task ends with
+        [`ClientClosedError`][keevx_async.ClientClosedError] (none waits forever), the
+        lookup sweeper stops, and the client's own HTTP connections close (an injected
+        ``http_client`` is left open)."""
         if self._task_group is not None:
             self._task_group.cancel_scope.cancel()
         if not self._closed:
             self._closed = True
+            self._end_unfinished_tasks()
             await self._engine.aclose()
+
+    def _end_unfinished_tasks(self) -> None:
+        unfinished = self._callbacks.close()
+        if unfinished:
+            logger.warning(
+                "the client closed with %d task(s) unfinished: they end with "
+                "ClientClosedError (re-attach with client.task(task_id, request=...) on an "
+                "open client to get their results)",
+                unfinished,
+            )
 
     def _check_open(self) -> None:
         if self._closed:
@@ -387,6 +409,7 @@ class AsyncKeevx:
             TaskTimeoutError: a task was not finished within ``timeout``.
             APIError, TransportError: the submit failed.
         """
+        timeout = check_seconds("timeout", timeout, none_ok=True)  # before paying for it
         submission = await self.submit(request)
         try:
             return await wait_all(submission.tasks, timeout)
@@ -433,7 +456,7 @@ class AsyncKeevx:
         limit = (
             self.max_concurrency
             if concurrency is None
-            else _positive_int("concurrency", concurrency)
+            else check_int("concurrency", concurrency, minimum=1)
         )
         return Batch(
             requests,

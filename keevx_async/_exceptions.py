@@ -10,6 +10,7 @@ KeevxError
 ├── TransportError               (also a ConnectionError) the HTTP exchange itself failed
 ├── TaskFailedError              a task finished with a status other than SUCCEEDED
 ├── TaskTimeoutError             a task did not finish within the wait's timeout
+├── ClientClosedError            the client closed before the task finished
 ├── TaskPendingError             ``Task.result()`` asked of a task that is not done
 ├── CallbackError                (also a ValueError) a callback body is malformed
 │   └── CallbackAuthError        a callback without a valid token for its task
@@ -214,6 +215,24 @@ class TaskTimeoutError(KeevxError, TimeoutError):
         self.timeout = timeout
         self.request = request
         super().__init__(f"task {task_id} did not finish within {timeout:g} seconds")
+
+
+class ClientClosedError(KeevxError):
+    """The client closed before this task finished, so nothing will finish it here.
+
+    Every unfinished task of a client ends with this error when the client closes: none
+    waits forever. The task itself may still finish at the service: re-attach to it with
+    ``client.task(task_id, request=...)`` on an open client (its callback, or a lookup,
+    then finishes it), or look it up with ``retrieve``.
+    """
+
+    def __init__(self, *, task_id: str | None, request: ImageRequest | None = None) -> None:
+        self.task_id = task_id
+        self.request = request
+        super().__init__(
+            f"the client closed before task {task_id} finished; to get its result, "
+            f"re-attach with client.task({task_id!r}, request=...) on an open client"
+        )
 
 
 class TaskPendingError(KeevxError):

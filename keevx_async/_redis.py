@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, TypeVar, cast
 
 import anyio
 
+from ._checks import check_seconds
 from ._eventloop import running_on_asyncio
 from ._exceptions import CallbackAuthError, RouterError
 from ._models import CallbackOutcome
@@ -75,10 +76,13 @@ _MAX_QUEUED: Final = 1_000_000
 _NO_OWNER: Final = -1
 _FOREIGN: Final = -2
 _TOO_MANY_EARLY: Final = -3
+_ALREADY_RECORDED: Final = -4
 
 # KEYS: result, task, early. ARGV: record, result TTL, channel prefix, submission ID or
 # "", worker not to notify or "", early limit, task ID.
-# Returns the owners notified (>= 0), or _NO_OWNER, _FOREIGN, _TOO_MANY_EARLY.
+# Returns the owners notified (>= 0), or _NO_OWNER, _FOREIGN, _TOO_MANY_EARLY, or
+# _ALREADY_RECORDED: a finished task's record is written once, by its first callback (or
+# lookup); a later one is a duplicate, whatever it says, and notifies nobody.
 _RECORD_SCRIPT: Final = """
 local sub = redis.call('HGET', KEYS[2], 'sub')
 if sub and sub ~= '' and ARGV[4] ~= '' and sub ~= ARGV[4] then
@@ -92,7 +96,9 @@ if not sub and ARGV[4] ~= '' then
     return -3
   end
 end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+if not redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') then
+  return -4
+end
 local ttl = redis.call('TTL', KEYS[2])
 if ttl >= 0 and ttl < tonumber(ARGV[2]) then
   redis.call('EXPIRE', KEYS[2], ARGV[2])
@@ -121,7 +127,7 @@ def _redis_errors() -> tuple[type[BaseException], ...]:
 
 
 def _whole_seconds(name: str, value: float) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+    if check_seconds(name, value) < 1:
         raise ValueError(f"{name} must be a number of seconds >= 1; got {value!r}")
     return math.ceil(value)
 
@@ -247,10 +253,8 @@ class RedisRouter(CallbackRouter):
             raise ValueError(f"url must be a redis://, rediss:// or unix:// URL; got {url!r}")
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"prefix must be a non-empty string; got {prefix!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be > 0; got {timeout!r}")
-        if not reconnect_max_wait > 0:
-            raise ValueError(f"reconnect_max_wait must be > 0; got {reconnect_max_wait!r}")
+        timeout = check_seconds("timeout", timeout)
+        reconnect_max_wait = check_seconds("reconnect_max_wait", reconnect_max_wait)
         if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
             raise ValueError(f"worker_id must be a non-empty string; got {worker_id!r}")
         self.url = url
@@ -625,6 +629,8 @@ class RedisRouter(CallbackRouter):
             raise CallbackAuthError(
                 f"callback for task {task_id} carries a token issued for another submission"
             )
+        if notified == _ALREADY_RECORDED:
+            return CallbackOutcome.DUPLICATE
         if notified == _TOO_MANY_EARLY:
             raise CallbackAuthError(
                 f"callback for task {task_id}: its token already has {MAX_GENERATE_COUNT} "

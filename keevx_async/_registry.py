@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 
 import attrs
 
-from ._exceptions import CallbackAuthError
+from ._exceptions import CallbackAuthError, KeevxError
 from ._models import CallbackOutcome, CallbackPayload
 from ._stats import Counters
 
@@ -106,6 +106,8 @@ class TaskRegistry:
         self._remember_done = remember_done
         self._clock = clock
         self.counters = Counters() if counters is None else counters
+        # Set by close(): what a task tracked from then on ends with at once.
+        self._closed_error: Callable[[Task], KeevxError] | None = None
 
     @property
     def pending_count(self) -> int:
@@ -171,6 +173,10 @@ class TaskRegistry:
         """Make ``task`` pending, and apply the early callback kept for it, if any."""
         task_id = task.task_id
         assert task_id is not None  # only submitted tasks are tracked
+        if self._closed_error is not None:
+            # A submit reply that arrived as the client closed: nothing would finish it.
+            task._finish(None, self._closed_error(task))
+            return
         self._pending[task_id] = weakref.KeyedRef(task, self._forget_collected, task_id)
         submission_id = task.submission_id
         early = self._take_early((task_id, submission_id))
@@ -179,6 +185,20 @@ class TaskRegistry:
         if early is not None:
             self._resolve(task, early.payload)
             self.counters.resolved_by_callback += 1
+
+    def close(self, error: Callable[[Task], KeevxError]) -> int:
+        """Finish every pending task with ``error(task)``, and so any task tracked from
+        now on; drop the early callbacks. How many pending tasks were finished."""
+        self._closed_error = error
+        tasks = self.pending_tasks()
+        for task in tasks:
+            self.abandon(task)
+        self._pending.clear()
+        self._early.clear()
+        self._early_per_submission.clear()
+        for task in tasks:
+            task._finish(None, error(task))
+        return len(tasks)
 
     def pending_tasks(self) -> list[Task]:
         """The tasks registered and not finished (nor collected) now."""

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 import anyio
 
 from ._asgi import DEFAULT_SHUTDOWN_GRACE, http_url
+from ._checks import check_seconds
 from ._eventloop import running_on_asyncio
 from ._models import check_http_url
 from ._taskgroups import enter_task_group, exit_task_group
@@ -323,12 +324,10 @@ class CallbackServer:
             raise ValueError(f"host must be a non-empty string; got {host!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ValueError(f"port must be an int in 0..65535; got {port!r}")
-        if not (math.isfinite(shutdown_grace) and shutdown_grace >= 0):
-            raise ValueError(f"shutdown_grace must be a finite number >= 0; got {shutdown_grace!r}")
         self.host = host
         self._port = port
         self._public_url = None if public_url is None else check_http_url(public_url, "public_url")
-        self.shutdown_grace = float(shutdown_grace)
+        self.shutdown_grace = check_seconds("shutdown_grace", shutdown_grace, zero_ok=True)
         self._url: str | None = None
         self._server_name: str | None = None
         self._state = _NEW

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 import anyio
 import attrs
 
+from ._checks import check_seconds
 from ._exceptions import KeevxError, TaskFailedError, TaskPendingError, TaskTimeoutError
 from ._models import FINISHED_OK, CallbackPayload, ImageRequest, ImageResult, make_image_result
 
@@ -148,6 +149,7 @@ class Task:
             TaskFailedError: the task finished without an image (and the other errors of
                 `result`).
         """
+        timeout = check_seconds("timeout", timeout, none_ok=True, zero_ok=True)
         if not self.done():
             event = anyio.Event()
             self._add_waiter(event)

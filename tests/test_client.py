@@ -370,7 +370,9 @@ async def test_cross_submission_callback_is_refused(token_in: CallbackTokenIn) -
         # A finished task's ID is remembered with its submission too.
         with pytest.raises(kx.CallbackAuthError):
             await client.feed_callback(callback_body("i2is-b"), url=url_a)
-    assert not task_a.done()
+        assert not task_a.done()
+    # Never resolved by the other submission's callback: it ended when the client closed.
+    assert isinstance(task_a.exception(), kx.ClientClosedError)
 
 
 async def test_registered_submissions_token_is_refused_for_tasks_not_its_own() -> None:
@@ -838,7 +840,7 @@ def test_environment_supplies_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_bad_options_raise_naming_the_option(options: dict[str, object], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((TypeError, ValueError), match=message):
         kx.AsyncKeevx(api_key="k", **options)  # type: ignore[arg-type]
 
 
@@ -856,6 +858,55 @@ async def test_own_http_client_is_closed_and_injected_one_is_not() -> None:
         await own.submit(kx.ImageRequest("x"))
     with pytest.raises(RuntimeError, match="closed"):
         await own.retrieve("i2is-a")
+
+
+@pytest.mark.parametrize("how", ["async with", "aclose"])
+async def test_tasks_unfinished_when_the_client_closes_end_with_client_closed_error(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="keevx_async")
+    async with kx.testing.FakeKeevx(complete_after=1e9) as fake:
+        async with fake.http_client() as http:
+            client = kx.AsyncKeevx(
+                api_key="test", base_url=fake.base_url, callback_url=CALLBACK_URL, http_client=http
+            )
+            if how == "async with":
+                async with client:
+                    submission = await client.submit(kx.ImageRequest("a fox", generate_count=3))
+            else:
+                submission = await client.submit(kx.ImageRequest("a fox", generate_count=3))
+                await client.aclose()
+    for task in submission.tasks:
+        with anyio.fail_after(1):  # before the fix, this waited forever
+            with pytest.raises(kx.ClientClosedError, match="re-attach") as caught:
+                await task
+        assert caught.value.task_id == task.task_id
+        assert caught.value.request == submission.request
+    assert client.stats.pending == 0
+    assert "closed with 3 task(s) unfinished" in caplog.text
+
+
+async def test_a_reply_arriving_as_the_client_closes_ends_its_tasks_too() -> None:
+    async with kx.testing.FakeKeevx(complete_after=1e9, latency=0.2) as fake:
+        async with fake.http_client() as http:
+            client = kx.AsyncKeevx(
+                api_key="test", base_url=fake.base_url, callback_url=CALLBACK_URL, http_client=http
+            )
+            submissions: list[kx.Submission] = []
+
+            async def submit() -> None:
+                submissions.append(await client.submit(kx.ImageRequest("late")))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(submit)
+                await anyio.wait_all_tasks_blocked()
+                # The submit is at the service, in its latency: no task exists yet.
+                assert (fake.submit_calls, fake.accepted_submits) == (1, 0)
+                await client.aclose()
+            assert fake.accepted_submits == 1
+    (submission,) = submissions
+    assert isinstance(submission.tasks[0].exception(), kx.ClientClosedError)
+    assert client.stats.pending == 0
 
 
 async def test_cancelled_submit_in_flight_is_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -212,6 +212,33 @@ async def test_a_lone_surrogate_in_a_routed_callback_is_a_400_and_changes_nothin
         assert other.stats.callbacks_malformed == 1
 
 
+async def test_a_replayed_callback_never_overwrites_the_recorded_result(
+    redis_prefix: str,
+) -> None:
+    # Found by adversarial testing: the replay, same valid token and another image_url,
+    # was answered 200 and every worker's client.task() then returned the replayed URL.
+    async with workers(redis_prefix, count=3, complete_after=1e9) as (fake, workers_):
+        owner, other, third = workers_
+        submission = await owner.submit(kx.ImageRequest("a fox"))
+        (fake_task,) = fake.tasks.values()
+        assert fake_task.callback_url is not None
+        task_id = fake_task.task_id
+        genuine = callback_body(task_id, image_url=image_of(task_id))
+        replayed = callback_body(task_id, image_url="https://evil.example.test/x.png")
+        url = fake_task.callback_url
+        assert await other.feed_callback(genuine, url=url) is kx.CallbackOutcome.FORWARDED
+        image = await submission.tasks[0].wait(5)
+        for receiver in (other, third, owner):
+            outcome = await receiver.feed_callback(replayed, url=url)
+            assert outcome is kx.CallbackOutcome.DUPLICATE, receiver
+        # Every worker, and a fresh one, sees the first result.
+        assert image.image_url == image_of(task_id)
+        for reader in (other, third):
+            task = await reader.task(task_id)
+            assert (await task.wait(5)).image_url == image_of(task_id)
+        assert (await owner.task(task_id)).result().image_url == image_of(task_id)
+
+
 async def test_duplicates_after_the_owner_finished_change_nothing(redis_prefix: str) -> None:
     async with workers(redis_prefix, duplicate_rate=1.0) as (fake, (owner, other)):
         receiver = Receiver(other)
@@ -357,9 +384,9 @@ async def test_one_token_buys_at_most_eight_early_callbacks(redis_prefix: str) -
             assert outcome is kx.CallbackOutcome.BUFFERED
         with pytest.raises(kx.CallbackAuthError, match="8 early callbacks"):
             await other.feed_callback(_callback("i2is-forged-9"), url=url)
-        # Replaying one already counted costs nothing more.
+        # Replaying one already recorded costs nothing more: a duplicate, changing nothing.
         again = await other.feed_callback(_callback("i2is-forged-0"), url=url)
-        assert again is kx.CallbackOutcome.BUFFERED
+        assert again is kx.CallbackOutcome.DUPLICATE
 
 
 def _callback(task_id: str, status: str = "SUCCEEDED") -> bytes:
@@ -545,7 +572,7 @@ async def test_a_router_that_is_not_running_refuses_to_route(redis_prefix: str) 
     ],
 )
 def test_router_options_are_checked(options: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((TypeError, ValueError), match=match):
         kx.RedisRouter(**options)
 
 

@@ -511,8 +511,9 @@ async def test_a_callback_cut_off_by_the_shutdown_grace_is_refused_and_not_appli
             await stream.aclose()
     assert status == 503
     assert json.loads(reply)["msg"] == "the callback receiver is shutting down"
-    assert not pending.task.done()
-    assert pending.client.stats.pending == 1
+    # Not applied: the task ended only when its client closed, after the server.
+    assert isinstance(pending.task.exception(), kx.ClientClosedError)
+    assert pending.client.stats.resolved_by_callback == 0
 
 
 async def test_callbacks_racing_the_shutdown_are_answered_if_and_only_if_applied() -> None:
@@ -554,7 +555,12 @@ async def test_callbacks_racing_the_shutdown_are_answered_if_and_only_if_applied
     for task in submission.tasks:
         status = outcomes[task.task_id or ""]
         assert status in (200, 503, None)
-        assert task.done() is (status == 200), (task.task_id, status)
+        # Applied (resolved with its image) if and only if answered 200; the others
+        # ended when the client closed.
+        applied = task.exception() is None
+        assert applied is (status == 200), (task.task_id, status)
+        if not applied:
+            assert isinstance(task.exception(), kx.ClientClosedError)
 
 
 async def test_the_gate_refuses_requests_once_closed() -> None:
