@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gc
 import random
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -342,6 +345,26 @@ async def test_unexpected_error_in_one_submit_is_that_requests_error_and_the_bat
     assert batch.submitted == 10
     assert "submitting request 5 failed unexpectedly" in caplog.text
     assert client.stats.pending == 0
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_ctrl_c_in_a_submit_surfaces_as_keyboard_interrupt_not_a_group(backend: str) -> None:
+    # Found by adversarial testing: under trio, KeyboardInterrupt raised in a submit came
+    # out of the batch grouped in a BaseExceptionGroup, so `except KeyboardInterrupt`
+    # missed it. A real SIGINT, in a process of its own.
+    script = Path(__file__).with_name("interrupted_batch.py")
+    done = subprocess.run(  # noqa: S603 (our own interpreter and script)
+        [sys.executable, str(script), backend],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in (
+        "KeyboardInterrupt in the program",
+        "KeyboardInterrupt from the runner",  # asyncio: its runner turns SIGINT into this
+    ), done.stdout + done.stderr
 
 
 async def test_batch_refuses_bad_options() -> None:
