@@ -251,6 +251,7 @@ class AsyncKeevx:
                 max_early=max_early_callbacks,
                 early_max_age=early_callback_max_age,
                 counters=self._counters,
+                verify=self._verify_by_lookup,
             ),
             router=self.router,
             counters=self._counters,
@@ -331,6 +332,20 @@ class AsyncKeevx:
             self._closed = True
             self._end_unfinished_tasks()
             await self._engine.aclose()
+
+    def _verify_by_lookup(self, task: Task) -> None:
+        """Look a task up at once: its callback could not be trusted (see the registry)."""
+        assert task.task_id is not None  # only submitted tasks get callbacks
+        reconciler = self._reconciler
+        if reconciler is None or not reconciler.look_up_now(task.task_id):
+            logger.warning(
+                "task %s was re-attached by ID alone, so its callback is not trusted and "
+                "its result must come from a lookup, but this client makes none (%s): "
+                "call client.retrieve(%r)",
+                task.task_id,
+                "reconcile_after=None" if reconciler is None else "it is not entered",
+                task.task_id,
+            )
 
     def _end_unfinished_tasks(self) -> None:
         unfinished = self._callbacks.close()

@@ -110,6 +110,14 @@ class Reconciler:
         if len(self._due) >= max(_COMPACT_MIN, _COMPACT_FACTOR * self._pending_count()):
             self._compact()
 
+    def look_up_now(self, task_id: str) -> bool:
+        """Plan a lookup of ``task_id`` before any other (under the same pace and
+        bound); whether the sweeper runs to make it."""
+        if not self.running:
+            return False
+        self._push(anyio.current_time(), (task_id,), 0)
+        return True
+
     def _push(self, due: float, task_ids: tuple[str, ...], lookups: int) -> None:
         entry = (due, next(self._sequence), task_ids, lookups)
         heapq.heappush(self._due, entry)

@@ -73,6 +73,10 @@ class TaskRegistry:
         clock: a monotonic clock (seconds).
         counters: where the callbacks it applies are counted (the client's own, shared
             with its other parts; a fresh one by default).
+        verify: called with a task re-attached by ID alone when a finished callback
+            with a token arrives for it: no token can be checked against such a task,
+            so the callback is not applied and the task's result must come from a
+            lookup, which ``verify`` starts.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class TaskRegistry:
         remember_done: int = DEFAULT_REMEMBER_DONE,
         clock: Callable[[], float] = time.monotonic,
         counters: Counters | None = None,
+        verify: Callable[[Task], None] | None = None,
     ) -> None:
         if max_early < 0:
             raise ValueError(f"max_early_callbacks must be >= 0; got {max_early}")
@@ -106,6 +111,7 @@ class TaskRegistry:
         self._remember_done = remember_done
         self._clock = clock
         self.counters = Counters() if counters is None else counters
+        self._verify = verify
         # Set by close(): what a task tracked from then on ends with at once.
         self._closed_error: Callable[[Task], KeevxError] | None = None
 
@@ -229,12 +235,13 @@ class TaskRegistry:
         if task is None:
             return self._apply_unknown(payload, submission_id)
         owner = task.submission_id
-        # A task whose submission is unknown (re-attached by ID alone) takes any valid token.
         if submission_id is not None and owner is not None and owner != submission_id:
             self._reject_foreign(task_id)
         if payload.status in UNFINISHED_STATUSES:
             task.status = payload.status
             return CallbackOutcome.PROGRESS
+        if owner is None and submission_id is not None:
+            return self._unverifiable(task)
         # _resolve and _remember, inline: every callback takes this path.
         del self._pending[task_id]
         done = self._done
@@ -244,6 +251,19 @@ class TaskRegistry:
         self.counters.resolved_by_callback += 1
         task._apply(payload)
         return CallbackOutcome.RESOLVED
+
+    def _unverifiable(self, task: Task) -> CallbackOutcome:
+        # A task re-attached by ID alone: its submission is unknown, so a token (valid for
+        # some submission of this app, maybe leaked) cannot show the callback is its own.
+        # The body is not trusted: the result comes from a lookup, made with our API key.
+        logger.info(
+            "a callback for task %s, re-attached by ID alone, is confirmed by a lookup "
+            "before its result is used",
+            task.task_id,
+        )
+        if self._verify is not None:
+            self._verify(task)
+        return CallbackOutcome.PROGRESS
 
     def settle(self, task: Task, payload: CallbackPayload) -> bool:
         """Finish ``task`` from a finished snapshot its lookup returned (trusted: the

@@ -68,7 +68,9 @@ class TaskRecord:
         request: the request that created it, when the submitting client recorded it.
         index: the task's position among its request's task IDs.
         submission_id: the submission its callback token belongs to (``None``: unknown or
-            callbacks not verified).
+            callbacks not verified). Keep it with the claim: a task re-attached without
+            it cannot have a callback's token checked against it, so its result is taken
+            from a lookup, never from a callback body.
         result: the recorded callback of the finished task (an `encode_record` record),
             or ``None`` while no result is recorded.
     """

@@ -803,7 +803,11 @@ class MemoryRouter(kx.CallbackRouter):
 
     async def claim(self, tasks: Any) -> None:
         for task in tasks:
-            self.hub[task.task_id] = kx.TaskRecord(task.task_id, task.request, task.index)
+            # The submission too: without it, a re-attached task's result must come from
+            # a lookup (a token cannot be checked against an unknown submission).
+            self.hub[task.task_id] = kx.TaskRecord(
+                task.task_id, task.request, task.index, submission_id=task.submission_id
+            )
 
     async def forward(
         self, payload: CallbackPayload, submission_id: str | None
@@ -811,7 +815,10 @@ class MemoryRouter(kx.CallbackRouter):
         record = encode_record(payload, submission_id)
         known = self.hub.get(payload.task_id)
         self.hub[payload.task_id] = kx.TaskRecord(
-            payload.task_id, None if known is None else known.request, result=record
+            payload.task_id,
+            None if known is None else known.request,
+            submission_id=None if known is None else known.submission_id,
+            result=record,
         )
         for host in self.hub["hosts"]:
             host.deliver(record)
@@ -844,19 +851,46 @@ async def test_a_router_of_ones_own_plugs_in() -> None:
                 await base.forward(CallbackPayload(task_id="i2is-x", status="FAILED"), None)
 
 
-async def test_a_task_re_attached_by_id_alone_takes_its_verified_callback() -> None:
+async def test_a_task_re_attached_by_id_alone_trusts_a_lookup_not_the_callback() -> None:
     # The submitting process restarted: the new one has the same secret, not the
-    # submission, and the service's callback carries the old submission's token.
+    # submission, and the service's callback carries the old submission's token. Found
+    # by adversarial testing: a token leaked from submission A resolved B's re-attached
+    # task with a forged URL. Such a callback is not applied: a lookup, made at once,
+    # gives the result.
+    async with FakeKeevx(api_key=API_KEY, complete_after=0.001, lose_if=lambda _: True) as fake:
+        async with fake.client(callback_secret=SECRET) as before:
+            submission_a = await before.submit(kx.ImageRequest("a"))
+            submission_b = await before.submit(kx.ImageRequest("b"))
+        [task_a] = submission_a.task_ids
+        [task_b] = submission_b.task_ids
+        leaked_url = fake.tasks[task_a].callback_url  # A's token
+        async with fake.client(callback_secret=SECRET) as after:
+            task = await after.task(task_b, request=submission_b.request)
+            forged = callback_body(task_b, image_url="https://evil.example.test/x.png")
+            gets = fake.get_calls
+            outcome = await after.feed_callback(forged, url=leaked_url)
+            assert outcome is kx.CallbackOutcome.PROGRESS
+            image = await task.wait(5)  # from the lookup made at once, not reconcile_after
+            assert image.image_url == image_of(task_b)
+            assert fake.get_calls > gets
+            assert after.stats.resolved_by_lookup == 1
+            assert after.stats.resolved_by_callback == 0
+            # Without a valid token it is still refused.
+            with pytest.raises(kx.CallbackAuthError):
+                await after.feed_callback(forged, url=CALLBACK_URL)
+
+
+async def test_a_re_attached_task_with_no_lookups_says_how_to_get_its_result(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async with FakeKeevx(api_key=API_KEY, complete_after=60) as fake:
         async with fake.client(callback_secret=SECRET) as before:
             submission = await before.submit(kx.ImageRequest("restarted"))
         [task_id] = submission.task_ids
-        async with fake.client(callback_secret=SECRET) as after:
+        url = fake.tasks[task_id].callback_url
+        async with fake.client(callback_secret=SECRET, reconcile_after=None) as after:
             task = await after.task(task_id, request=submission.request)
-            url = fake.tasks[task_id].callback_url
             outcome = await after.feed_callback(_callback(task_id), url=url)
-            assert outcome is kx.CallbackOutcome.RESOLVED
-            assert task.result().image_url == image_of(task_id)
-            # Without a valid token it is still refused.
-            with pytest.raises(kx.CallbackAuthError):
-                await after.feed_callback(_callback(task_id), url=CALLBACK_URL)
+            assert outcome is kx.CallbackOutcome.PROGRESS
+            assert not task.done()
+    assert f"call client.retrieve('{task_id}')" in caplog.text
