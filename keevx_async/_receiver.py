@@ -88,7 +88,11 @@ class CallbackApp:
             return 405, _error_body(405, "callbacks are POSTed")
         query = scope.get("query_string", b"").decode("latin-1")
         try:
-            submission_id = self._authenticate(token_from_target(scope["path"], query))
+            # The path as sent, when the server gives it: the same parse as feed_callback.
+            # (Some servers, httpx's ASGITransport among them, leave the query on it.)
+            raw_path = scope.get("raw_path")
+            path = raw_path.decode("latin-1").partition("?")[0] if raw_path else scope["path"]
+            submission_id = self._authenticate(token_from_target(path, query))
         except CallbackAuthError as exc:
             return 401, _error_body(401, str(exc))
         headers = dict(scope.get("headers") or ())

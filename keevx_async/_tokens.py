@@ -16,7 +16,7 @@ import re
 import secrets
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Final
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -156,12 +156,18 @@ def attach_token(url: str, token: str, token_in: CallbackTokenIn) -> str:
 
 def token_from_target(path: str, query: str) -> str | None:
     """The token in a request target: the query parameter if present, else the last
-    path segment (a wrong guess simply fails verification)."""
+    path segment (a wrong guess simply fails verification).
+
+    ``path`` as sent (percent-encoded); the segment is decoded here, as the query is by
+    ``parse_qsl``, so a token whose dot a proxy encoded as ``%2E`` reads the same from
+    ``callback_app`` and from ``feed_callback``. Decoding an already decoded path again
+    changes no token (they hold no ``%``).
+    """
     if query:
         for name, value in reversed(parse_qsl(query, keep_blank_values=True)):
             if name == TOKEN_PARAM:
                 return value
-    segment = path.rstrip("/").rpartition("/")[2]
+    segment = unquote(path.rstrip("/").rpartition("/")[2])
     return segment or None
 
 

@@ -188,6 +188,30 @@ async def test_path_token_placement_is_accepted() -> None:
         assert task.done()
 
 
+async def test_a_path_token_with_an_encoded_dot_gets_one_answer_everywhere() -> None:
+    # Found by adversarial testing: a proxy encoding the token's dot as %2E made
+    # callback_app accept it while feed_callback refused the very same URL.
+    async with receiving(callback_token_in="path") as (client, http):
+        url_a, (task_a,) = _submission(client, "i2is-a")
+        url_b, (task_b,) = _submission(client, "i2is-b")
+        head, _, token = url_a.rpartition("/")
+        encoded_a = f"{head}/{token.replace('.', '%2E')}"
+        head, _, token = url_b.rpartition("/")
+        encoded_b = f"{head}/{token.replace('.', '%2e')}"
+
+        response = await http.post(_target(encoded_a), json=_callback("i2is-a"))
+        assert response.status_code == 200
+        assert task_a.result().task_id == "i2is-a"
+        outcome = await client.feed_callback(json.dumps(_callback("i2is-b")), url=encoded_b)
+        assert outcome is kx.CallbackOutcome.RESOLVED
+        assert task_b.result().task_id == "i2is-b"
+        # A query string of the user's own next to a path token changes nothing.
+        url_c, (task_c,) = _submission(client, "i2is-c")
+        response = await http.post(_target(url_c) + "?tenant=7", json=_callback("i2is-c"))
+        assert response.status_code == 200
+        assert task_c.result().task_id == "i2is-c"
+
+
 async def test_without_verification_callbacks_need_no_token() -> None:
     async with receiving(verify_callbacks=False) as (client, http):
         task = kx.Task("i2is-a", REQUEST, 0)
