@@ -15,6 +15,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Final
 
+import anyio
+
 from ._exceptions import CallbackAuthError, CallbackError, RouterError
 from ._models import CallbackOutcome
 from ._tokens import token_from_target
@@ -32,11 +34,18 @@ DEFAULT_MAX_BODY_SIZE: Final = 64 * 1024
 """Default cap on a callback body (a real one is a few hundred bytes)."""
 
 _OK: Final = b'{"code":0,"msg":"ok"}'
+DEFAULT_BODY_TIMEOUT: Final = 10.0
+"""Seconds a callback body may take to arrive before it is refused with 408 (a real one
+arrives in one packet; a trickled one would hold its task until shutdown)."""
 #: Seconds the service is asked to wait before delivering a refused callback again.
 RETRY_AFTER_UNAVAILABLE: Final = 1
 
 
 class _BodyTooLargeError(Exception):
+    pass
+
+
+class _BodyTooSlowError(Exception):
     pass
 
 
@@ -49,11 +58,12 @@ class CallbackApp:
 
     ``POST`` with a valid body -> 200 ``{"code":0,"msg":"ok"}`` (also for duplicates and
     early callbacks: feeding is idempotent); malformed -> 400; bad or missing token -> 401;
-    body over ``max_body_size`` -> 413; other methods -> 405; a callback the client's
-    router could not record -> 503 with ``Retry-After``, so the service delivers it again.
+    body over ``max_body_size`` -> 413; a body still incomplete after ``body_timeout``
+    seconds -> 408; other methods -> 405; a callback the client's router could not
+    record -> 503 with ``Retry-After``, so the service delivers it again.
     """
 
-    __slots__ = ("_authenticate", "_feed", "max_body_size")
+    __slots__ = ("_authenticate", "_feed", "body_timeout", "max_body_size")
 
     def __init__(
         self,
@@ -61,10 +71,12 @@ class CallbackApp:
         authenticate: Callable[[str | None], str | None],
         feed: Callable[[bytes, str | None], CallbackOutcome | Awaitable[CallbackOutcome]],
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
         self._authenticate = authenticate
         self._feed = feed
         self.max_body_size = max_body_size
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one ASGI connection scope (``http``, or ``lifespan`` for standalone use)."""
@@ -101,6 +113,13 @@ class CallbackApp:
         except _BodyTooLargeError:
             logger.warning("rejected a callback body over %d bytes", self.max_body_size)
             return 413, _error_body(413, f"callback body exceeds {self.max_body_size} bytes")
+        except _BodyTooSlowError:
+            logger.warning(
+                "rejected a callback whose body took over %g s to arrive", self.body_timeout
+            )
+            return 408, _error_body(
+                408, f"callback body not received within {self.body_timeout:g} seconds"
+            )
         try:
             outcome = self._feed(body, submission_id)
             if not isinstance(outcome, CallbackOutcome):
@@ -114,6 +133,11 @@ class CallbackApp:
         return 200, _OK
 
     async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+        with anyio.move_on_after(self.body_timeout):
+            return await self._read_whole_body(headers, receive)
+        raise _BodyTooSlowError
+
+    async def _read_whole_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
         limit = self.max_body_size
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

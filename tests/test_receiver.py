@@ -212,6 +212,45 @@ async def test_a_path_token_with_an_encoded_dot_gets_one_answer_everywhere() -> 
         assert task_c.result().task_id == "i2is-c"
 
 
+async def test_a_trickled_body_is_refused_with_408_after_the_body_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found by adversarial testing: a valid token and a body sent a byte at a time held
+    # the request (and its task) until shutdown.
+    async with receiving() as (client, _):
+        url, (task,) = _submission(client, "i2is-a")
+        app = client.callback_app
+        app.body_timeout = 0.2
+        body = json.dumps(_callback("i2is-a")).encode()
+        parts = urlsplit(url)
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": parts.path,
+            "query_string": parts.query.encode(),
+            "headers": [(b"content-type", b"application/json")],
+        }
+        first = [{"type": "http.request", "body": body[:5], "more_body": True}]
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            if first:
+                return first.pop()
+            await anyio.sleep_forever()  # the rest never comes
+            raise AssertionError  # pragma: no cover
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        with anyio.fail_after(5):
+            await app(scope, receive, send)
+        assert sent[0]["status"] == 408
+        assert b"not received within 0.2 seconds" in sent[1]["body"]
+        assert not task.done()  # nothing applied: a redelivery can still resolve it
+        assert client.stats.pending == 1
+    assert "took over 0.2 s to arrive" in caplog.text
+
+
 async def test_without_verification_callbacks_need_no_token() -> None:
     async with receiving(verify_callbacks=False) as (client, http):
         task = kx.Task("i2is-a", REQUEST, 0)
