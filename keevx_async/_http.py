@@ -36,6 +36,8 @@ from ._exceptions import (
 from ._reconcile import LOOKUPS_IN_FLIGHT
 from ._throttle import Throttle, backoff_delay, parse_retry_after
 from ._transports import FanoutClient, FanoutTransport
+from ._transports.aiohttp import AiohttpTransport
+from ._transports.fanout_client import attempt_deadline
 from ._version import __version__
 from ._wire import Envelope, WireFormatError, decode_envelope
 
@@ -191,10 +193,12 @@ class HTTPEngine:
 
     __slots__ = (
         "_counters",
+        "_deadline",
         "_headers",
         "_owns_http",
         "_throttle",
         "_timeout",
+        "_transport_keeps_deadline",
         "base_url",
         "http",
         "max_retries",
@@ -220,6 +224,10 @@ class HTTPEngine:
         self.http = http
         self._owns_http = owns_http
         self._timeout = timeout
+        self._deadline = attempt_deadline(timeout)
+        # Whether the transport bounds the whole attempt itself (the SDK's aiohttp
+        # transport does, at no cost); otherwise each attempt runs in a cancel scope.
+        self._transport_keeps_deadline = False
         self._throttle = throttle
         self._counters = counters
         self._headers = {
@@ -271,9 +279,12 @@ class HTTPEngine:
             self._check_pause(request, task_id)
             await self._throttle.before_attempt(paced=paced)
             try:
-                response = await self.http.request(
-                    method, url, content=content, headers=self._headers, timeout=self._timeout
-                )
+                if self._deadline is None or self._transport_keeps_deadline:
+                    response = await self.http.request(
+                        method, url, content=content, headers=self._headers, timeout=self._timeout
+                    )
+                else:
+                    response = await self._bounded_attempt(method, url, content)
             except anyio.get_cancelled_exc_class():
                 if not retry_safe:
                     # Not an error of ours to raise, but the caller cannot see it otherwise.
@@ -341,6 +352,23 @@ class HTTPEngine:
                 "retrying %s %s after HTTP %d (retry %d of %d)",
                 method, url, status, attempt, self.max_retries,
             )  # fmt: skip
+
+    async def _bounded_attempt(
+        self, method: str, url: str, content: bytes | None
+    ) -> httpx.Response:
+        """One attempt within ``_deadline`` seconds, reply body included (httpx bounds
+        each phase and each read, not the whole: a trickled reply would never time out)."""
+        deadline = self._deadline
+        assert deadline is not None
+        with anyio.move_on_after(deadline) as scope:
+            response = await self.http.request(
+                method, url, content=content, headers=self._headers, timeout=self._timeout
+            )
+            self._transport_keeps_deadline = _keeps_deadline(self.http)
+            return response
+        assert scope.cancelled_caught  # pragma: no branch (the only way here)
+        # Ambiguous like any read timeout: the request may have reached the service.
+        raise httpx.ReadTimeout(f"the attempt took longer than {deadline:g} s (timeout)")
 
     def _check_pause(self, request: ImageRequest | None, task_id: str | None) -> None:
         paused_for = self._throttle.paused_for
@@ -450,3 +478,11 @@ def describe(exc: BaseException) -> str:
     """``ExceptionName: message`` (just the name when the message is empty)."""
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _keeps_deadline(http: httpx.AsyncClient) -> bool:
+    """Whether ``http`` sends through the SDK's aiohttp transport, which bounds a whole
+    attempt with aiohttp's own total timeout (known once a request has chosen it)."""
+    transport = getattr(http, "_direct", None)
+    chosen = transport.chosen if isinstance(transport, FanoutTransport) else None
+    return isinstance(http, FanoutClient) and isinstance(chosen, AiohttpTransport)

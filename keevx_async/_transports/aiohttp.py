@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Final
 
 import httpx
@@ -93,7 +94,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         timeouts = request.extensions.get("timeout", {})
         if timeouts is not self._timeouts_in:
             self._timeout = aiohttp.ClientTimeout(
-                total=None,
+                # The whole attempt (see attempt_deadline): a trickled reply included.
+                total=timeouts.get("total"),
                 connect=timeouts.get("pool"),
                 sock_connect=timeouts.get("connect"),
                 sock_read=timeouts.get("read"),
@@ -116,6 +118,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 content = await reply.read()
         except aiohttp.ClientError as exc:
             raise _httpx_error(exc, request) from exc
+        except asyncio.TimeoutError as exc:  # TimeoutError from 3.11
+            # aiohttp's total timeout: the attempt ran out, after the request may have
+            # left, so a read timeout (ambiguous for a submit), never a connect error.
+            raise httpx.ReadTimeout(
+                f"the attempt took longer than {timeouts.get('total')} s", request=request
+            ) from exc
         version = reply.version
         response = httpx.Response(
             reply.status,

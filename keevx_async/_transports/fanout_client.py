@@ -12,12 +12,26 @@ import httpx
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["FanoutClient"]
+__all__ = ["FanoutClient", "attempt_deadline"]
 
 _httpx_logger = logging.getLogger("httpx")
 # Methods httpx sends "Content-Length: 0" for when there is no body.
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 _FRAMING_HEADERS: Final = ("host", "content-length", "transfer-encoding")
+
+
+def attempt_deadline(timeout: httpx.Timeout) -> float | None:
+    """Seconds one whole attempt (connect, send, receive) may take: the longest of the
+    timeout's phases, or ``None`` when a phase is unlimited.
+
+    httpx's timeouts bound each phase, and each read: a reply trickled a byte at a time
+    never trips them. This bounds the attempt; the transports carry it as ``"total"`` in
+    the ``timeout`` extension.
+    """
+    phases = (timeout.connect, timeout.read, timeout.write, timeout.pool)
+    if any(phase is None for phase in phases):
+        return None
+    return max(phase for phase in phases if phase is not None)
 
 
 class FanoutClient(httpx.AsyncClient):
@@ -89,7 +103,7 @@ class FanoutClient(httpx.AsyncClient):
                 method, url, content=content, headers=headers, timeout=timeout
             )
         if timeout is not self._timeout_in:
-            self._timeout_extension = timeout.as_dict()
+            self._timeout_extension = {**timeout.as_dict(), "total": attempt_deadline(timeout)}
             self._timeout_in = timeout
         # Request(stream=...) takes the head as given; Request(content=...) would merge
         # and search the headers again on every call.
