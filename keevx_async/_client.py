@@ -130,7 +130,9 @@ class AsyncKeevx:
         max_retry_wait: a ``Retry-After`` longer than this raises
             [`RateLimitError`][keevx_async.RateLimitError]
             instead of sleeping.
-        timeout: seconds (or an ``httpx.Timeout``) per HTTP attempt.
+        timeout: seconds (or an ``httpx.Timeout``) per HTTP attempt: the whole attempt,
+            reply body included (for an ``httpx.Timeout``, its longest phase; none when a
+            phase is unlimited), besides httpx's bound on each phase.
         http_client: an ``httpx.AsyncClient`` to send through (not closed by us).
         callback_secret: the secret (or secrets, newest first) of callback tokens;
             default ``$KEEVX_CALLBACK_SECRET`` (comma-separated), else random per client.
