@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
     Message = MutableMapping[str, Any]
 
+
+# Callback URLs carry a token: keep it out of the server's access log.
+kx.redact_callback_tokens()
+
 if not settings.configured:
     settings.configure(
         DEBUG=False,

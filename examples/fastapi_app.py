@@ -20,6 +20,10 @@ import keevx_async as kx
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+
+# Callback URLs carry a token: keep it out of the server's access log.
+kx.redact_callback_tokens()
+
 CALLBACK_PATH = "/keevx/callback"
 
 

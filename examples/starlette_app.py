@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 
     from starlette.requests import Request
 
+
+# Callback URLs carry a token: keep it out of the server's access log.
+kx.redact_callback_tokens()
+
 CALLBACK_PATH = "/keevx/callback"
 
 

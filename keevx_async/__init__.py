@@ -33,6 +33,7 @@ from ._exceptions import (
     UnknownTaskError,
 )
 from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot
+from ._redact import CallbackTokenFilter, redact_callback_tokens
 from ._redis import RedisRouter
 from ._router import CallbackRouter, LocalRouter, RouterHost, TaskRecord
 from ._server import CallbackServer
@@ -51,6 +52,7 @@ __all__ = [
     "CallbackOutcome",
     "CallbackRouter",
     "CallbackServer",
+    "CallbackTokenFilter",
     "ClientClosedError",
     "ClientStats",
     "ImageRequest",
@@ -73,6 +75,7 @@ __all__ = [
     "TransportError",
     "UnknownTaskError",
     "__version__",
+    "redact_callback_tokens",
 ]
 
 # Show public objects as ``keevx_async.X`` in reprs, tracebacks and docs, not as the
