@@ -630,6 +630,9 @@ async def test_connection_refused_is_retried_then_reported(
     assert isinstance(caught.value.__cause__, httpx.ConnectError)
     retries = [r for r in caplog.records if r.getMessage().startswith("retrying POST")]
     assert len(retries) == 2
+    # Plain words on every transport: no "ssl:default" (aiohttp's) for plain http.
+    assert f"127.0.0.1:{port}" in str(caught.value)
+    assert "ssl" not in str(caught.value)
 
 
 async def test_business_error_keeps_code_and_msg() -> None:

@@ -70,3 +70,15 @@ def test_api_reference_covers_every_public_name() -> None:
     testing_page = (DOCS / "reference" / "testing.md").read_text()
     for name in keevx_async.testing.__all__:
         assert f"- {name}" in testing_page, name
+
+
+def test_the_readmes_fakekeevx_snippet_runs_as_printed() -> None:
+    """The README's 'Testing with FakeKeevx' snippet is a whole script: it runs."""
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme.split("## Testing with FakeKeevx", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(  # noqa: S603 (our own interpreter, the README's own code)
+        [sys.executable, "-c", snippet], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"https://\S+/i2is-\S+\.png\n", done.stdout), done.stdout

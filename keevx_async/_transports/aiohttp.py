@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import TYPE_CHECKING, Final
 
 import httpx
@@ -169,6 +170,10 @@ def _httpx_error(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.Tran
         error_class = httpx.ConnectTimeout
     elif isinstance(exc, aiohttp.ClientConnectorError):
         error_class = httpx.ConnectError
+        # aiohttp's own wording says "ssl:default" even for plain http: say it plainly.
+        cause = exc.os_error
+        reason = os.strerror(cause.errno) if cause.errno else str(cause) or type(cause).__name__
+        message = f"cannot connect to {exc.host}:{exc.port}: {reason}"
     elif isinstance(exc, aiohttp.ServerTimeoutError):
         error_class = httpx.ReadTimeout
     elif isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError)):
