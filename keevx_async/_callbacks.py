@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import math
+import time
+from typing import TYPE_CHECKING, Final
 
 from ._exceptions import (
     CallbackAuthError,
@@ -29,7 +31,7 @@ from ._exceptions import (
 from ._models import FINISHED_OK, CallbackOutcome, CallbackPayload
 from ._router import decode_record
 from ._task import Task
-from ._tokens import attach_token
+from ._tokens import attach_token, looks_issued
 from ._wire import WireFormatError, decode_callback
 
 if TYPE_CHECKING:
@@ -46,6 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["CallbackIntake"]
 
 logger = logging.getLogger("keevx_async")
+
+SECRET_HINT_INTERVAL: Final = 60.0
+"""Seconds between two hints at a secret mismatch (the refusals are all logged)."""
 
 
 class _RouterHost:
@@ -76,7 +81,16 @@ class CallbackIntake:
         token_in: where the token goes in a callback URL (``"query"`` or ``"path"``).
     """
 
-    __slots__ = ("_counters", "_shares", "registry", "router", "signer", "token_in", "verify")
+    __slots__ = (
+        "_counters",
+        "_hinted_secret_at",
+        "_shares",
+        "registry",
+        "router",
+        "signer",
+        "token_in",
+        "verify",
+    )
 
     def __init__(
         self,
@@ -94,6 +108,7 @@ class CallbackIntake:
         self.verify = verify
         self.token_in: CallbackTokenIn = token_in
         self._counters = counters
+        self._hinted_secret_at = -math.inf
         self._shares = router.shares_callbacks
 
     # --- tasks ------------------------------------------------------------------------
@@ -186,10 +201,25 @@ class CallbackIntake:
             self._counters.callbacks_rejected += 1
             why = "has no token" if not token else "carries an invalid token"
             logger.warning("rejected a callback that %s", why)
+            if looks_issued(token):
+                self._hint_secret_mismatch()
             raise CallbackAuthError(
                 f"callback {why}: it was not sent to a callback URL this client issued"
             )
         return submission_id
+
+    def _hint_secret_mismatch(self) -> None:
+        # A token of the right shape with a MAC no secret of ours gives: most likely
+        # issued by another process of the app with another secret. Said once a minute.
+        now = time.monotonic()
+        if now - self._hinted_secret_at < SECRET_HINT_INTERVAL:
+            return
+        self._hinted_secret_at = now
+        logger.warning(
+            "a refused callback token looks like one this SDK issues, but no secret of this "
+            "client matches it: do all workers (and deployments) behind the callback URL "
+            "share KEEVX_CALLBACK_SECRET? Without it each process draws its own secret"
+        )
 
     def feed(
         self, body: bytes | str | Mapping[str, Any], submission_id: str | None

@@ -23,7 +23,14 @@ if TYPE_CHECKING:
 
     from ._types import CallbackTokenIn
 
-__all__ = ["TOKEN_PARAM", "CallbackSigner", "attach_token", "token_from_target", "token_from_url"]
+__all__ = [
+    "TOKEN_PARAM",
+    "CallbackSigner",
+    "attach_token",
+    "looks_issued",
+    "token_from_target",
+    "token_from_url",
+]
 
 TOKEN_PARAM: Final = "keevx_token"
 """The query parameter that carries the token with ``callback_token_in="query"``."""
@@ -137,6 +144,15 @@ class CallbackSigner:
             return None
         self._remember(submission_id, valid)
         return submission_id
+
+
+_ISSUED_SHAPE: Final = re.compile(rf"[A-Za-z0-9_-]{{16}}\.[A-Za-z0-9_-]{{{_MAC_CHARS}}}")
+
+
+def looks_issued(token: str | None) -> bool:
+    """Whether ``token`` has the shape of one a `CallbackSigner` issues (whatever its
+    secret): a refused token of that shape points at a secret mismatch."""
+    return token is not None and _ISSUED_SHAPE.fullmatch(token) is not None
 
 
 def attach_token(url: str, token: str, token_in: CallbackTokenIn) -> str:

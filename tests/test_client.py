@@ -353,6 +353,32 @@ async def test_forged_callbacks_change_nothing(token_in: CallbackTokenIn) -> Non
     assert task.result().task_id == "i2is-a"
 
 
+async def test_a_token_from_a_process_with_another_secret_names_the_likely_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Workers without a shared KEEVX_CALLBACK_SECRET each draw their own: a callback
+    # reaching another worker is refused, and the log says why, once a minute.
+    caplog.set_level(logging.WARNING, logger="keevx_async")
+    async with (
+        wired(callback_secret="one") as (fake, issuer),
+        fake.client(callback_secret="another", deliver_callbacks=False) as other,
+    ):
+        submission = await issuer.submit(kx.ImageRequest("a fox"))
+        url = fake.tasks[submission.task_ids[0]].callback_url
+        assert url is not None
+        for _ in range(3):
+            with pytest.raises(kx.CallbackAuthError):
+                await other.feed_callback(callback_body(submission.task_ids[0]), url=url)
+        # A token of another shape (not this SDK's) is no secret mismatch.
+        with pytest.raises(kx.CallbackAuthError):
+            await other.feed_callback(
+                callback_body("i2is-x"), url=f"{CALLBACK_URL}?keevx_token=x.y"
+            )
+    hints = [r for r in caplog.records if "KEEVX_CALLBACK_SECRET" in r.getMessage()]
+    assert len(hints) == 1
+    assert other.stats.callbacks_rejected == 4
+
+
 @pytest.mark.parametrize("token_in", ["query", "path"])
 async def test_cross_submission_callback_is_refused(token_in: CallbackTokenIn) -> None:
     app = ScriptedApp(ok_reply("i2is-a"), ok_reply("i2is-b"))
