@@ -49,8 +49,9 @@ __all__ = ["CallbackIntake"]
 
 logger = logging.getLogger("keevx_async")
 
-SECRET_HINT_INTERVAL: Final = 60.0
-"""Seconds between two hints at a secret mismatch (the refusals are all logged)."""
+HINT_INTERVAL: Final = 60.0
+"""Seconds between two hints at the same likely cause (what they explain is logged or
+counted every time)."""
 
 
 class _RouterHost:
@@ -83,6 +84,7 @@ class CallbackIntake:
 
     __slots__ = (
         "_counters",
+        "_hinted_callback_at",
         "_hinted_secret_at",
         "_shares",
         "registry",
@@ -109,6 +111,7 @@ class CallbackIntake:
         self.token_in: CallbackTokenIn = token_in
         self._counters = counters
         self._hinted_secret_at = -math.inf
+        self._hinted_callback_at = -math.inf
         self._shares = router.shares_callbacks
 
     # --- tasks ------------------------------------------------------------------------
@@ -212,13 +215,27 @@ class CallbackIntake:
         # A token of the right shape with a MAC no secret of ours gives: most likely
         # issued by another process of the app with another secret. Said once a minute.
         now = time.monotonic()
-        if now - self._hinted_secret_at < SECRET_HINT_INTERVAL:
+        if now - self._hinted_secret_at < HINT_INTERVAL:
             return
         self._hinted_secret_at = now
         logger.warning(
             "a refused callback token looks like one this SDK issues, but no secret of this "
             "client matches it: do all workers (and deployments) behind the callback URL "
             "share KEEVX_CALLBACK_SECRET? Without it each process draws its own secret"
+        )
+
+    def _hint_no_callback(self, task_id: str) -> None:
+        # A task sent with a callback URL, finished by a lookup: its callback had not come.
+        # Once in a while it is the service; every time, the URL. Said once a minute.
+        now = time.monotonic()
+        if now - self._hinted_callback_at < HINT_INTERVAL:
+            return
+        self._hinted_callback_at = now
+        logger.warning(
+            "task %s was finished by a status lookup: its callback had not come. If "
+            "callbacks never arrive, check that the callback URL is reachable from the "
+            "service (a public URL routed to client.callback_app) and answers 200",
+            task_id,
         )
 
     def feed(
@@ -297,5 +314,9 @@ class CallbackIntake:
             error_message=snapshot.error_message,
             raw=snapshot.raw,
         )
-        if self.registry.settle(task, payload) and self._shares:
+        if not self.registry.settle(task, payload):
+            return
+        if self._shares:
             self.router.finished(payload, task.submission_id)
+        if task.submission_id is not None:  # it was sent with a callback URL
+            self._hint_no_callback(task_id)

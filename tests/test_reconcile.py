@@ -50,7 +50,10 @@ def assert_results_match(
             assert result.image_url == image_url(fake, result.task_id)
 
 
-async def test_lost_callbacks_are_recovered_by_one_lookup_each() -> None:
+async def test_lost_callbacks_are_recovered_by_one_lookup_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="keevx_async")
     requests = [
         kx.ImageRequest(f"{'lost' if n % 2 else 'kept'} prompt {n}", generate_count=2)
         for n in range(10)
@@ -59,6 +62,11 @@ async def test_lost_callbacks_are_recovered_by_one_lookup_each() -> None:
         outcomes = await client.generate_many(requests, timeout=20)
         await fake.wait_idle()
         stats = client.stats
+    # Found by trying it as a user: an unreachable callback URL left no log line at all.
+    # The first task finished by a lookup says what to check, once (not ten times).
+    hints = [r.getMessage() for r in caplog.records if "its callback had not come" in r.msg]
+    assert len(hints) == 1
+    assert "reachable from the service" in hints[0]
 
     assert_results_match(fake, requests, outcomes)
     lost = [task for task in fake.tasks.values() if task.lost]
@@ -141,6 +149,8 @@ async def test_without_a_callback_url_every_result_comes_by_lookup(
     notes = [r.getMessage() for r in caplog.records if "no callback_url" in r.getMessage()]
     assert len(notes) == 1
     assert "status lookups" in notes[0]
+    # Sent without a callback URL: no callback was expected, so no hint about one.
+    assert not [r for r in caplog.records if "its callback had not come" in r.msg]
 
 
 async def test_a_plain_script_with_default_settings_gets_its_results() -> None:
