@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 # Callback URLs carry a token: keep it out of the server's access log.
 kx.redact_callback_tokens()
 
+# Routes wait up to WAIT seconds; a lost callback is looked up well before that.
+WAIT = 300
+RECONCILE_AFTER = 60
+
 CALLBACK_PATH = "/keevx/callback"
 KEEVX = web.AppKey("keevx", kx.AsyncKeevx)
 # A real callback is a few hundred bytes; refuse big bodies before reading them.
@@ -32,7 +36,9 @@ MAX_CALLBACK_BODY = 64 * 1024
 
 async def keevx_client(app: web.Application) -> AsyncIterator[None]:
     """Opens the client at startup and closes it at cleanup (``app.cleanup_ctx``)."""
-    async with kx.AsyncKeevx() as client:  # configured from the KEEVX_* variables
+    # Configured from the KEEVX_* variables. A lost callback is looked up after 60 s,
+    # well within the 300 s a route waits (reconcile_after's default is 300 s too).
+    async with kx.AsyncKeevx(reconcile_after=RECONCILE_AFTER) as client:
         app[KEEVX] = client
         yield
 
@@ -63,7 +69,7 @@ async def create_image(request: web.Request) -> web.Response:
     try:
         image_request = kx.ImageRequest(payload["prompt"])
         # Waits for the callback, which the service POSTs to CALLBACK_PATH on this app.
-        [result] = await client.generate(image_request, timeout=300)
+        [result] = await client.generate(image_request, timeout=WAIT)
     except (KeyError, TypeError, kx.InvalidRequestError) as exc:
         return web.json_response({"detail": f"invalid request: {exc}"}, status=422)
     except kx.TaskFailedError as exc:

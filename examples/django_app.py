@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 # Callback URLs carry a token: keep it out of the server's access log.
 kx.redact_callback_tokens()
 
+# Routes wait up to WAIT seconds; a lost callback is looked up well before that.
+WAIT = 300
+RECONCILE_AFTER = 60
+
 if not settings.configured:
     settings.configure(
         DEBUG=False,
@@ -86,7 +90,7 @@ async def create_image(request: HttpRequest) -> JsonResponse:
     try:
         image_request = kx.ImageRequest(json.loads(request.body)["prompt"])
         # Waits for the callback, which the service POSTs to keevx_callback.
-        [result] = await keevx().generate(image_request, timeout=300)
+        [result] = await keevx().generate(image_request, timeout=WAIT)
     except (ValueError, KeyError, TypeError) as exc:  # InvalidRequestError is a ValueError
         return JsonResponse({"detail": f"invalid request: {exc}"}, status=422)
     except kx.TaskFailedError as exc:
@@ -124,7 +128,8 @@ async def _lifespan(
         message = await receive()
         if message["type"] == "lifespan.startup":
             try:
-                _client = kx.AsyncKeevx()  # configured from the KEEVX_* variables
+                # From the KEEVX_* variables; lost callbacks looked up within the wait.
+                _client = kx.AsyncKeevx(reconcile_after=RECONCILE_AFTER)
             except kx.KeevxError as exc:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return

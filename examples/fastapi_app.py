@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 # Callback URLs carry a token: keep it out of the server's access log.
 kx.redact_callback_tokens()
 
+# Routes wait up to WAIT seconds; a lost callback is looked up well before that.
+WAIT = 300
+RECONCILE_AFTER = 60
+
 CALLBACK_PATH = "/keevx/callback"
 
 
@@ -54,7 +58,7 @@ router = APIRouter()
 async def create_image(image: ImageIn, keevx: Keevx) -> ImageOut:
     try:
         # Waits for the callback, which the service POSTs to CALLBACK_PATH on this app.
-        [result] = await keevx.generate(kx.ImageRequest(image.prompt), timeout=300)
+        [result] = await keevx.generate(kx.ImageRequest(image.prompt), timeout=WAIT)
     except kx.InvalidRequestError as exc:
         raise HTTPException(422, str(exc)) from exc
     except kx.TaskFailedError as exc:
@@ -67,7 +71,8 @@ async def create_image(image: ImageIn, keevx: Keevx) -> ImageOut:
 def create_app() -> FastAPI:
     """The app, with a client configured from the ``KEEVX_*`` environment variables."""
     # Made here, not in the lifespan, so its callback_app can be routed before startup.
-    client = kx.AsyncKeevx()
+    # A lost callback is looked up after 60 s, well within the 300 s a route waits.
+    client = kx.AsyncKeevx(reconcile_after=RECONCILE_AFTER)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:

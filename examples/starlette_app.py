@@ -27,13 +27,18 @@ if TYPE_CHECKING:
 # Callback URLs carry a token: keep it out of the server's access log.
 kx.redact_callback_tokens()
 
+# Routes wait up to WAIT seconds; a lost callback is looked up well before that.
+WAIT = 300
+RECONCILE_AFTER = 60
+
 CALLBACK_PATH = "/keevx/callback"
 
 
 def create_app() -> Starlette:
     """The app, with a client configured from the ``KEEVX_*`` environment variables."""
     # Made here, not in the lifespan, so its callback_app can be routed before startup.
-    client = kx.AsyncKeevx()
+    # A lost callback is looked up after 60 s, well within the 300 s a route waits.
+    client = kx.AsyncKeevx(reconcile_after=RECONCILE_AFTER)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -45,7 +50,7 @@ def create_app() -> Starlette:
         try:
             image_request = kx.ImageRequest(payload["prompt"])
             # Waits for the callback, which the service POSTs to CALLBACK_PATH on this app.
-            [result] = await client.generate(image_request, timeout=300)
+            [result] = await client.generate(image_request, timeout=WAIT)
         except (KeyError, TypeError, kx.InvalidRequestError) as exc:
             return JSONResponse({"detail": f"invalid request: {exc}"}, status_code=422)
         except kx.TaskFailedError as exc:
