@@ -66,6 +66,23 @@ class _RouterHost:
         self.pending_tasks = pending_tasks
 
 
+class _Hint:
+    """A warning naming a likely cause, said at most once per `HINT_INTERVAL`."""
+
+    __slots__ = ("_message", "_said_at")
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._said_at = -math.inf
+
+    def say(self, *args: object) -> None:
+        """Log the warning (with ``args`` for its message), unless said recently."""
+        now = time.monotonic()
+        if now - self._said_at >= HINT_INTERVAL:
+            self._said_at = now
+            logger.warning(self._message, *args)
+
+
 def _closed_error(task: Task) -> ClientClosedError:
     return ClientClosedError(task_id=task.task_id, request=task.request)
 
@@ -83,9 +100,9 @@ class CallbackIntake:
     """
 
     __slots__ = (
+        "_callback_hint",
         "_counters",
-        "_hinted_callback_at",
-        "_hinted_secret_at",
+        "_secret_hint",
         "_shares",
         "registry",
         "router",
@@ -110,8 +127,16 @@ class CallbackIntake:
         self.verify = verify
         self.token_in: CallbackTokenIn = token_in
         self._counters = counters
-        self._hinted_secret_at = -math.inf
-        self._hinted_callback_at = -math.inf
+        self._secret_hint = _Hint(
+            "a refused callback token looks like one this SDK issues, but no secret of this "
+            "client matches it: do all workers (and deployments) behind the callback URL "
+            "share KEEVX_CALLBACK_SECRET? Without it each process draws its own secret"
+        )
+        self._callback_hint = _Hint(
+            "task %s was finished by a status lookup: its callback had not come. If "
+            "callbacks never arrive, check that the callback URL is reachable from the "
+            "service (a public URL routed to client.callback_app) and answers 200"
+        )
         self._shares = router.shares_callbacks
 
     # --- tasks ------------------------------------------------------------------------
@@ -205,38 +230,13 @@ class CallbackIntake:
             why = "has no token" if not token else "carries an invalid token"
             logger.warning("rejected a callback that %s", why)
             if looks_issued(token):
-                self._hint_secret_mismatch()
+                # Right shape, a MAC no secret of ours gives: most likely issued by
+                # another process of the app, with another secret.
+                self._secret_hint.say()
             raise CallbackAuthError(
                 f"callback {why}: it was not sent to a callback URL this client issued"
             )
         return submission_id
-
-    def _hint_secret_mismatch(self) -> None:
-        # A token of the right shape with a MAC no secret of ours gives: most likely
-        # issued by another process of the app with another secret. Said once a minute.
-        now = time.monotonic()
-        if now - self._hinted_secret_at < HINT_INTERVAL:
-            return
-        self._hinted_secret_at = now
-        logger.warning(
-            "a refused callback token looks like one this SDK issues, but no secret of this "
-            "client matches it: do all workers (and deployments) behind the callback URL "
-            "share KEEVX_CALLBACK_SECRET? Without it each process draws its own secret"
-        )
-
-    def _hint_no_callback(self, task_id: str) -> None:
-        # A task sent with a callback URL, finished by a lookup: its callback had not come.
-        # Once in a while it is the service; every time, the URL. Said once a minute.
-        now = time.monotonic()
-        if now - self._hinted_callback_at < HINT_INTERVAL:
-            return
-        self._hinted_callback_at = now
-        logger.warning(
-            "task %s was finished by a status lookup: its callback had not come. If "
-            "callbacks never arrive, check that the callback URL is reachable from the "
-            "service (a public URL routed to client.callback_app) and answers 200",
-            task_id,
-        )
 
     def feed(
         self, body: bytes | str | Mapping[str, Any], submission_id: str | None
@@ -319,4 +319,5 @@ class CallbackIntake:
         if self._shares:
             self.router.finished(payload, task.submission_id)
         if task.submission_id is not None:  # it was sent with a callback URL
-            self._hint_no_callback(task_id)
+            # Once in a while it is the service; every time, the URL.
+            self._callback_hint.say(task_id)
