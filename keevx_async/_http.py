@@ -198,7 +198,6 @@ class HTTPEngine:
         "_owns_http",
         "_throttle",
         "_timeout",
-        "_transport_keeps_deadline",
         "base_url",
         "http",
         "max_retries",
@@ -224,10 +223,10 @@ class HTTPEngine:
         self.http = http
         self._owns_http = owns_http
         self._timeout = timeout
+        # Each attempt runs in a cancel scope of this many seconds; None once the
+        # transport is known to bound the whole attempt itself (the SDK's aiohttp
+        # transport does, at no cost), or when a phase of the timeout is unlimited.
         self._deadline = attempt_deadline(timeout)
-        # Whether the transport bounds the whole attempt itself (the SDK's aiohttp
-        # transport does, at no cost); otherwise each attempt runs in a cancel scope.
-        self._transport_keeps_deadline = False
         self._throttle = throttle
         self._counters = counters
         self._headers = {
@@ -279,7 +278,7 @@ class HTTPEngine:
             self._check_pause(request, task_id)
             await self._throttle.before_attempt(paced=paced)
             try:
-                if self._deadline is None or self._transport_keeps_deadline:
+                if self._deadline is None:
                     response = await self.http.request(
                         method, url, content=content, headers=self._headers, timeout=self._timeout
                     )
@@ -364,7 +363,8 @@ class HTTPEngine:
             response = await self.http.request(
                 method, url, content=content, headers=self._headers, timeout=self._timeout
             )
-            self._transport_keeps_deadline = _keeps_deadline(self.http)
+            if _keeps_deadline(self.http):
+                self._deadline = None
             return response
         assert scope.cancelled_caught  # pragma: no branch (the only way here)
         # Ambiguous like any read timeout: the request may have reached the service.
