@@ -156,6 +156,5 @@ async def test_method_arguments_are_refused_before_anything_is_sent(timeout: Any
     ],
 )
 def test_redis_router_options_are_checked(options: dict[str, Any], message: str) -> None:
-    pytest.importorskip("redis")
     with pytest.raises((TypeError, ValueError), match=message):
         kx.RedisRouter(**options)

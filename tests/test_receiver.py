@@ -59,6 +59,18 @@ def _submission(
     return attach_token(CALLBACK_URL, token, client.callback_token_in), tasks
 
 
+def _post_scope(url: str) -> dict[str, Any]:
+    """The ASGI scope of a JSON POST to ``url`` (for tests that drive the app by hand)."""
+    parts = urlsplit(url)
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": parts.path,
+        "query_string": parts.query.encode(),
+        "headers": [(b"content-type", b"application/json")],
+    }
+
+
 def _target(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.path}?{parts.query}" if parts.query else parts.path
@@ -222,14 +234,7 @@ async def test_a_trickled_body_is_refused_with_408_after_the_body_timeout(
         app = client.callback_app
         app.body_timeout = 0.2
         body = json.dumps(_callback("i2is-a")).encode()
-        parts = urlsplit(url)
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": parts.path,
-            "query_string": parts.query.encode(),
-            "headers": [(b"content-type", b"application/json")],
-        }
+        scope = _post_scope(url)
         first = [{"type": "http.request", "body": body[:5], "more_body": True}]
         sent: list[Message] = []
 
@@ -494,7 +499,6 @@ async def test_websocket_scope_is_refused() -> None:
 async def test_client_disconnect_mid_body_is_treated_as_end_of_body() -> None:
     async with receiving() as (client, _):
         url, (task,) = _submission(client, "i2is-a")
-        parts = urlsplit(url)
         encoded = json.dumps(_callback("i2is-a")).encode()
         incoming: list[Message] = [
             {"type": "http.request", "body": encoded[:10], "more_body": True},
@@ -508,13 +512,7 @@ async def test_client_disconnect_mid_body_is_treated_as_end_of_body() -> None:
         async def send(message: Message) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": parts.path,
-            "query_string": parts.query.encode(),
-            "headers": [(b"content-type", b"application/json")],
-        }
+        scope = _post_scope(url)
         await client.callback_app(scope, receive, send)
 
         assert sent[0]["status"] == 400
