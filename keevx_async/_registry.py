@@ -268,9 +268,7 @@ class TaskRegistry:
     def settle(self, task: Task, payload: CallbackPayload) -> bool:
         """Finish ``task`` from a finished snapshot its lookup returned (trusted: the
         lookup was made with our API key); whether it was still pending here."""
-        task_id = payload.task_id
-        ref = self._pending.get(task_id)
-        if ref is None or ref() is not task:
+        if self.get(payload.task_id) is not task:
             return False
         self._resolve(task, payload)
         self.counters.resolved_by_lookup += 1
