@@ -21,7 +21,7 @@ import anyio.abc
 from ._checks import check_int, check_seconds
 from ._exceptions import KeevxError, TaskTimeoutError
 from ._models import ImageRequest, ImageResult
-from ._task import Submission, Task
+from ._task import LookupDriver, Submission, Task
 from ._taskgroups import enter_task_group, exit_task_group
 
 logger = logging.getLogger("keevx_async")
@@ -95,6 +95,7 @@ class Batch:
         *,
         submit: Callable[[ImageRequest], Awaitable[Submission]],
         abandon: Callable[[Task], None],
+        lookups: LookupDriver | None = None,
         concurrency: int,
         timeout: float | None,
         max_pending: int = DEFAULT_MAX_PENDING,
@@ -104,6 +105,7 @@ class Batch:
         self._requests = requests
         self._submit = submit
         self._abandon = abandon
+        self._lookups = lookups
         self._concurrency = concurrency
         self._timeout = timeout
         self._completed: deque[Task] = deque()
@@ -147,6 +149,9 @@ class Batch:
             raise RuntimeError("a batch runs once: make a new one with client.batch(...)")
         self._task_group = task_group = await enter_task_group()
         task_group.start_soon(self._produce)
+        if self._lookups is not None and not self._lookups.hosted:
+            # A client that is not entered: the batch makes its lookups while it runs.
+            task_group.start_soon(self._lookups.drive)
         if self._timeout is not None:
             task_group.start_soon(self._expire_overdue, self._timeout)
         return self

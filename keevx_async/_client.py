@@ -144,7 +144,8 @@ class AsyncKeevx:
             it is looked up with the GET endpoint (then again after a doubling interval
             while it is still running); ``None`` never looks up. A submission without a
             callback URL is looked up after ``min(reconcile_after, 2)`` seconds.
-            Lookups run while the client is entered (``async with``).
+            Lookups run while the client is entered (``async with``), and otherwise
+            while somebody waits on one of its tasks.
         reconcile_per_second: the most lookups started per second (``None``: unpaced;
             never more than 4 at once either way).
         max_early_callbacks: early callbacks kept at most (oldest evicted first).
@@ -273,7 +274,6 @@ class AsyncKeevx:
             )
         )
         self._task_group: TaskGroup | None = None
-        self._warned_not_entered = False
         self._warned_no_callback = False
         self._closed = False
         self.callback_app: CallbackApp = CallbackApp(
@@ -301,7 +301,7 @@ class AsyncKeevx:
                 if shares:
                     await task_group.start(self.router.run, self._callbacks.router_host())
                 if self._reconciler is not None:
-                    await task_group.start(self._reconciler.run)
+                    await task_group.start(self._reconciler.host)
             except BaseException:
                 self._task_group = None
                 await exit_task_group(task_group)
@@ -332,6 +332,8 @@ class AsyncKeevx:
             self._task_group.cancel_scope.cancel()
         if not self._closed:
             self._closed = True
+            if self._reconciler is not None:
+                self._reconciler.close()
             self._end_unfinished_tasks()
             await self._engine.aclose()
 
@@ -339,13 +341,14 @@ class AsyncKeevx:
         """Look a task up at once: its callback could not be trusted (see the registry)."""
         assert task.task_id is not None  # only submitted tasks get callbacks
         reconciler = self._reconciler
-        if reconciler is None or not reconciler.look_up_now(task.task_id):
+        if reconciler is not None:
+            reconciler.look_up_now(task.task_id)
+        else:
             logger.warning(
                 "task %s was re-attached by ID alone, so its callback is not trusted and "
-                "its result must come from a lookup, but this client makes none (%s): "
-                "call client.retrieve(%r)",
+                "its result must come from a lookup, but this client makes none "
+                "(reconcile_after=None): call client.retrieve(%r)",
                 task.task_id,
-                "reconcile_after=None" if reconciler is None else "it is not entered",
                 task.task_id,
             )
 
@@ -397,15 +400,12 @@ class AsyncKeevx:
             self._counters.submit_errors += 1
             raise
         tasks = tuple(
-            Task(task_id, request, index, submission_id=submission_id)
+            Task(task_id, request, index, submission_id=submission_id, lookups=self._reconciler)
             for index, task_id in enumerate(task_ids)
         )
         await self._callbacks.register(tasks)
         if self._reconciler is not None:
-            if self._reconciler.running:
-                self._reconciler.schedule(task_ids, has_callback=callback_url is not None)
-            else:
-                self._warn_not_entered()
+            self._reconciler.schedule(task_ids, has_callback=callback_url is not None)
         self._counters.submitted += 1
         self._counters.tasks_created += len(tasks)
         return Submission(request=request, task_ids=task_ids, tasks=tasks)
@@ -479,6 +479,7 @@ class AsyncKeevx:
             requests,
             submit=self.submit,
             abandon=self._callbacks.abandon,
+            lookups=self._reconciler,
             concurrency=limit,
             timeout=timeout,
             max_pending=max_pending,
@@ -568,8 +569,11 @@ class AsyncKeevx:
             raise TypeError(f"request must be an ImageRequest; got {type(request).__name__}")
         self._check_open()
         task = await self._callbacks.reattach(task_id, request)
-        if not task.done() and self._reconciler is not None and self._reconciler.running:
-            self._reconciler.schedule((task_id,), has_callback=True)
+        if not task.done() and self._reconciler is not None:
+            # It may have finished while nobody listened: look it up now, not in
+            # reconcile_after seconds.
+            task._lookups = self._reconciler
+            self._reconciler.look_up_now(task_id)
         return task
 
     # --- callbacks --------------------------------------------------------------------
@@ -664,14 +668,6 @@ class AsyncKeevx:
                     "submit, then at doubling intervals",
                     self._reconciler.after_without_callback,
                 )
-
-    def _warn_not_entered(self) -> None:
-        if not self._warned_not_entered:
-            self._warned_not_entered = True
-            logger.warning(
-                "this AsyncKeevx is not entered (`async with`), so tasks whose callback "
-                "never comes are not looked up: they wait until their timeout"
-            )
 
 
 def _read_task_ids(response: httpx.Response, request: ImageRequest) -> tuple[str, ...]:

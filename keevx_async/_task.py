@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
-__all__ = ["SUBMIT_FAILED", "CompletionSink", "Submission", "Task", "wait_all"]
+__all__ = ["SUBMIT_FAILED", "CompletionSink", "LookupDriver", "Submission", "Task", "wait_all"]
 
 SUBMIT_FAILED = "SUBMIT_FAILED"
 """``Task.status`` of a request that could not be submitted (its ``task_id`` is ``None``)."""
@@ -35,6 +35,29 @@ class CompletionSink(Protocol):
 
     def task_done(self, task: Task) -> None:
         """Called once, synchronously, right after ``task`` finished."""
+
+
+class LookupDriver(Protocol):
+    """The lookups of a client's overdue tasks (its `Reconciler`), as a waiter sees them."""
+
+    @property
+    def hosted(self) -> bool:
+        """Whether the client's own task group runs the lookups (it is entered)."""
+
+    async def drive(self) -> None:
+        """Run the lookups in the calling task while no other task does; until cancelled."""
+
+
+async def _wait_for(event: anyio.Event, lookups: LookupDriver | None) -> None:
+    """Wait for ``event``; on a client that is not entered, drive its lookups meanwhile,
+    so a task whose callback never comes is still looked up while somebody waits."""
+    if lookups is None or lookups.hosted:
+        await event.wait()
+        return
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(lookups.drive)
+        await event.wait()
+        task_group.cancel_scope.cancel()
 
 
 class Task:
@@ -63,6 +86,7 @@ class Task:
         "__weakref__",
         "_error",
         "_error_tb",
+        "_lookups",
         "_result",
         "_sink",
         "_waiters",
@@ -82,6 +106,7 @@ class Task:
         *,
         status: str = "GENERATING",
         submission_id: str | None = None,
+        lookups: LookupDriver | None = None,
     ) -> None:
         self.task_id = task_id
         self.request = request
@@ -93,6 +118,7 @@ class Task:
         self._error_tb: TracebackType | None = None
         self._waiters: list[anyio.Event] | None = None
         self._sink: CompletionSink | None = None
+        self._lookups = lookups
         self.position: int | None = None
 
     @classmethod
@@ -155,7 +181,7 @@ class Task:
             self._add_waiter(event)
             try:
                 with anyio.move_on_after(timeout):
-                    await event.wait()
+                    await _wait_for(event, self._lookups)
             finally:
                 self._forget_waiter(event)
             if not self.done():
@@ -261,7 +287,7 @@ async def wait_all(tasks: Sequence[Task], timeout: float | None) -> list[ImageRe
             task._add_waiter(event)
         try:
             with anyio.move_on_after(deadline - anyio.current_time()):
-                await event.wait()
+                await _wait_for(event, unfinished[0]._lookups)
         finally:
             for task in unfinished:
                 task._forget_waiter(event)

@@ -286,7 +286,9 @@ async def test_the_schedule_forgets_tasks_resolved_by_callback() -> None:
     assert fake.get_calls == 0
 
 
-async def test_a_client_not_entered_does_not_look_up(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_client_not_entered_looks_up_nothing_while_nobody_waits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async with FakeKeevx(lose_if=is_lost) as fake, fake.http_client() as http:
         client = kx.AsyncKeevx(
             api_key="k",
@@ -296,14 +298,114 @@ async def test_a_client_not_entered_does_not_look_up(caplog: pytest.LogCaptureFi
             reconcile_after=0.01,
         )
         with caplog.at_level(logging.WARNING, logger="keevx_async"):
-            await client.submit(kx.ImageRequest("lost 1"))
-            await client.submit(kx.ImageRequest("lost 2"))
-        await anyio.sleep(0.1)
+            submission = await client.submit(kx.ImageRequest("lost 1"))
+            await anyio.sleep(0.1)
+            assert fake.get_calls == 0  # no task of the client's own to run lookups in
+            assert client.stats.overdue_scheduled == 1  # but the lookup is planned
+            # The first wait makes it: the waiter drives the lookups.
+            image = await submission.tasks[0].wait(5)
         await client.aclose()
 
-    assert fake.get_calls == 0
-    notes = [r for r in caplog.records if "not entered" in r.getMessage()]
-    assert len(notes) == 1
+    assert image.task_id == submission.task_ids[0]
+    assert fake.get_calls == 1
+    # No log line says lookups will not happen (they do).
+    assert not [r for r in caplog.records if "not entered" in r.getMessage()]
+
+
+@pytest.mark.parametrize("how", ["wait", "generate", "batch"])
+async def test_a_client_never_entered_recovers_lost_callbacks_while_awaited(how: str) -> None:
+    # Found by trying the Django recipe: a client that is never entered (`async with`)
+    # never looked up a lost callback, so the task timed out instead.
+    requests = [kx.ImageRequest(f"lost {n}", generate_count=2) for n in range(3)]
+    async with FakeKeevx(lose_if=is_lost) as fake, fake.http_client() as http:
+        client = kx.AsyncKeevx(
+            api_key="k",
+            base_url=fake.base_url,
+            http_client=http,
+            callback_url="https://app.example.test/cb",
+            reconcile_after=0.05,
+        )
+        try:
+            with anyio.fail_after(10):
+                if how == "wait":
+                    outcomes: list[list[kx.ImageResult | kx.KeevxError]] = []
+                    for request in requests:
+                        submission = await client.submit(request)
+                        outcomes.append([await task for task in submission.tasks])
+                elif how == "generate":
+                    outcomes = [list(await client.generate(r, timeout=10)) for r in requests]
+                else:
+                    outcomes = await client.generate_many(requests, timeout=10)
+            stats = client.stats
+        finally:
+            await client.aclose()
+    assert_results_match(fake, requests, outcomes)
+    assert stats.resolved_by_lookup == 6
+    assert fake.get_calls == 6
+
+
+async def test_the_next_waiter_takes_the_lookups_over() -> None:
+    """Two tasks awaited in two tasks of the app: when the first waiter stops (its own
+    timeout), the second drives the lookups for its task from then on."""
+    async with FakeKeevx(lose_if=is_lost, complete_after=0.3) as fake, fake.http_client() as http:
+        client = kx.AsyncKeevx(
+            api_key="k",
+            base_url=fake.base_url,
+            http_client=http,
+            callback_url="https://app.example.test/cb",
+            reconcile_after=0.01,
+        )
+        first = (await client.submit(kx.ImageRequest("lost first"))).tasks[0]
+        second = (await client.submit(kx.ImageRequest("lost second"))).tasks[0]
+        gave_up = anyio.Event()
+        results: dict[str, kx.ImageResult] = {}
+
+        async def impatient() -> None:
+            with pytest.raises(kx.TaskTimeoutError):
+                await first.wait(0.05)  # drives the sweeper, then stops
+            gave_up.set()
+
+        async def patient() -> None:
+            results["second"] = await second.wait(10)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(impatient)
+            tg.start_soon(patient)
+        assert gave_up.is_set()
+        # Nobody waits on the first task now; its lookups wait for the next waiter.
+        assert not first.done()
+        results["first"] = await first.wait(10)
+        await client.aclose()
+
+    assert results["second"].task_id == second.task_id
+    assert results["first"].task_id == first.task_id
+    assert client.stats.resolved_by_lookup == 2
+
+
+async def test_a_client_used_across_tasks_like_notebook_cells() -> None:
+    """A notebook runs each cell in a task of its own: the client is made in one, used
+    in the next ones, closed in the last, and never entered."""
+    holder: dict[str, Any] = {}
+    async with FakeKeevx(lose_if=is_lost) as fake, fake.http_client() as http:
+
+        async def cell_1() -> None:
+            holder["client"] = kx.AsyncKeevx(
+                api_key="k", base_url=fake.base_url, http_client=http, reconcile_after=0.05
+            )  # no callback URL: results come from lookups
+
+        async def cell_2() -> None:
+            client = holder["client"]
+            holder["images"] = await client.generate(kx.ImageRequest("a cat"), timeout=10)
+
+        async def cell_3() -> None:
+            await holder["client"].aclose()
+
+        for cell in (cell_1, cell_2, cell_3):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cell)
+    [image] = holder["images"]
+    assert fake.tasks[image.task_id].prompt == "a cat"
+    assert image.image_url == image_url(fake, image.task_id)
 
 
 async def test_a_task_nobody_holds_is_not_looked_up() -> None:
@@ -367,12 +469,12 @@ async def test_an_unexpected_lookup_error_never_stops_the_sweeper(
         after=0.01,
         per_second=None,
     )
-    reconciler.schedule(["a"], has_callback=True)  # not running yet: ignored
-    assert reconciler.scheduled == 0
+    reconciler.schedule(["a"], has_callback=True)  # kept for the first sweeper
+    assert reconciler.scheduled == 1
     with caplog.at_level(logging.ERROR, logger="keevx_async"):
         async with anyio.create_task_group() as tg:
-            await tg.start(reconciler.run)
-            reconciler.schedule(["a", "b"], has_callback=True)
+            await tg.start(reconciler.host)
+            reconciler.schedule(["b"], has_callback=True)
             with anyio.fail_after(5):
                 while calls.count("a") < 2:  # noqa: ASYNC110 - polled test observation
                     await anyio.sleep(0.005)
@@ -382,5 +484,7 @@ async def test_an_unexpected_lookup_error_never_stops_the_sweeper(
     assert calls.count("b") == 1
     assert reconciler.counters.lookup_errors >= 2
     assert not reconciler.running
+    assert reconciler.scheduled == 1  # "a" is still pending: kept for the next sweeper
+    reconciler.close()
     assert reconciler.scheduled == 0
     assert any("unexpectedly" in r.getMessage() for r in caplog.records)
