@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote
+
+if sys.version_info < (3, 11):  # pragma: no cover (the builtin from 3.11 on)
+    from exceptiongroup import BaseExceptionGroup
 
 import anyio
 import httpx
@@ -61,7 +65,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Iterable, Mapping
     from types import TracebackType
 
-    from anyio.abc import TaskGroup
+    from anyio.abc import TaskGroup, TaskStatus
     from typing_extensions import Self
 
     from ._types import CallbackTokenIn
@@ -274,6 +278,9 @@ class AsyncKeevx:
             )
         )
         self._task_group: TaskGroup | None = None
+        self._entered_in: int | None = None
+        self._background_ended: anyio.Event | None = None
+        self._background_scope: anyio.CancelScope | None = None
         self._warned_no_callback = False
         self._closed = False
         self.callback_app: CallbackApp = CallbackApp(
@@ -294,19 +301,37 @@ class AsyncKeevx:
         self._check_open()
         if self._task_group is not None:
             raise RuntimeError("this AsyncKeevx is already entered: enter it once")
-        shares = self.router.shares_callbacks
-        if self._reconciler is not None or shares:
+        if self._reconciler is not None or self.router.shares_callbacks:
             self._task_group = task_group = await enter_task_group()
+            self._entered_in = anyio.get_current_task().id
+            self._background_ended = ended = anyio.Event()
             try:
-                if shares:
-                    await task_group.start(self.router.run, self._callbacks.router_host())
-                if self._reconciler is not None:
-                    await task_group.start(self._reconciler.host)
+                await task_group.start(self._background, ended)
             except BaseException:
                 self._task_group = None
                 await exit_task_group(task_group)
                 raise
         return self
+
+    async def _background(
+        self, ended: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The work of an entered client: the router's, and the lookup sweeper."""
+        try:
+            async with anyio.create_task_group() as task_group:
+                self._background_scope = task_group.cancel_scope
+                if self.router.shares_callbacks:
+                    await task_group.start(self.router.run, self._callbacks.router_host())
+                if self._reconciler is not None:
+                    await task_group.start(self._reconciler.host)
+                task_status.started()
+        except BaseExceptionGroup as group:
+            # A part that failed to start fails the `async with` as itself.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            ended.set()
 
     async def __aexit__(
         self,
@@ -318,18 +343,33 @@ class AsyncKeevx:
         self._end_unfinished_tasks()
         task_group, self._task_group = self._task_group, None
         try:
-            if task_group is not None:
+            if task_group is None:
+                pass
+            elif anyio.get_current_task().id == self._entered_in:
                 await exit_task_group(task_group)
+            else:
+                # Left in another task than the one that entered it (a notebook runs each
+                # cell in a task of its own): stop the work and wait for it to end; the
+                # task group itself can only be left by the task that entered it.
+                await self._stop_background()
         finally:
             await self.aclose()
 
+    async def _stop_background(self) -> None:
+        """Stop the entered client's work and wait until it ended (from any task)."""
+        if self._background_scope is not None:
+            self._background_scope.cancel()
+        if self._background_ended is not None:
+            with anyio.CancelScope(shield=True):
+                await self._background_ended.wait()
+
     async def aclose(self) -> None:
-        """Close the client: every unfinished task ends with
+        """Close the client, from any task: every unfinished task ends with
         [`ClientClosedError`][keevx_async.ClientClosedError] (none waits forever), the
-        lookup sweeper stops, and the client's own HTTP connections close (an injected
-        ``http_client`` is left open)."""
+        lookup sweeper and the router's work stop, and the client's own HTTP connections
+        close (an injected ``http_client`` is left open)."""
         if self._task_group is not None:
-            self._task_group.cancel_scope.cancel()
+            await self._stop_background()
         if not self._closed:
             self._closed = True
             if self._reconciler is not None:

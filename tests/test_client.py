@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import itertools
 import json
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
@@ -975,3 +976,66 @@ def _callback_url(app: ScriptedApp, position: int = 0) -> str:
     """The callback URL (token included) the client sent in its ``position``-th submit."""
     url: str = json.loads(app.requests[position][3])["callback_url"]
     return url
+
+
+# --- lifetime across tasks (notebook cells) -------------------------------------------
+
+
+async def test_a_client_closes_from_another_task_while_entered() -> None:
+    """``aclose()`` from any task: the entered client's work stops, its waiters end."""
+    async with FakeKeevx(lose_if=lambda prompt: True) as fake, fake.http_client() as http:
+        client = kx.AsyncKeevx(
+            api_key="k",
+            base_url=fake.base_url,
+            http_client=http,
+            callback_url="https://app.example.test/cb",
+        )
+        errors: list[BaseException] = []
+        waiting = anyio.Event()
+
+        async def waiter(task: kx.Task) -> None:
+            waiting.set()
+            try:
+                await task
+            except kx.ClientClosedError as exc:
+                errors.append(exc)
+
+        async with client:
+            task = (await client.submit(kx.ImageRequest("never called back"))).tasks[0]
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(waiter, task)
+                await waiting.wait()
+                async with anyio.create_task_group() as closer:
+                    closer.start_soon(client.aclose)  # another task than the entering one
+        assert [type(e) for e in errors] == [kx.ClientClosedError]
+        assert client.stats.pending == 0
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.submit(kx.ImageRequest("after close"))
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_client_entered_in_one_cell_is_left_in_another() -> None:
+    """A notebook runs each cell in a task of its own (asyncio): ``await
+    client.__aenter__()`` in one cell and ``await client.__aexit__(...)`` in a later one
+    used to raise "Attempted to exit cancel scope in a different task"."""
+    holder: dict[str, Any] = {}
+    async with FakeKeevx() as fake, fake.http_client() as http:
+
+        async def enter() -> None:
+            client = kx.AsyncKeevx(api_key="k", base_url=fake.base_url, http_client=http)
+            holder["client"] = await client.__aenter__()
+
+        async def use() -> None:
+            holder["images"] = await holder["client"].generate(kx.ImageRequest("a fox"))
+
+        async def leave() -> None:
+            await holder["client"].__aexit__(None, None, None)
+
+        for cell in (enter, use, leave):
+            await asyncio.get_running_loop().create_task(cell())
+    [image] = holder["images"]
+    assert fake.tasks[image.task_id].prompt == "a fox"
+    client = holder["client"]
+    assert client.stats.pending == 0
+    assert client._reconciler is not None
+    assert not client._reconciler.running  # the sweeper stopped with the client
