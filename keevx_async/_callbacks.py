@@ -17,9 +17,7 @@
 from __future__ import annotations
 
 import logging
-import math
-import time
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING
 
 from ._exceptions import (
     CallbackAuthError,
@@ -28,6 +26,7 @@ from ._exceptions import (
     RouterError,
     UnknownTaskError,
 )
+from ._hints import Hint
 from ._models import FINISHED_OK, CallbackOutcome, CallbackPayload
 from ._router import decode_record
 from ._task import Task
@@ -49,10 +48,6 @@ __all__ = ["CallbackIntake"]
 
 logger = logging.getLogger("keevx_async")
 
-HINT_INTERVAL: Final = 60.0
-"""Seconds between two hints at the same likely cause (what they explain is logged or
-counted every time)."""
-
 
 class _RouterHost:
     """What the intake lets its router do (see ``RouterHost``)."""
@@ -64,23 +59,6 @@ class _RouterHost:
     ) -> None:
         self.deliver = deliver
         self.pending_tasks = pending_tasks
-
-
-class _Hint:
-    """A warning naming a likely cause, said at most once per `HINT_INTERVAL`."""
-
-    __slots__ = ("_message", "_said_at")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._said_at = -math.inf
-
-    def say(self, *args: object) -> None:
-        """Log the warning (with ``args`` for its message), unless said recently."""
-        now = time.monotonic()
-        if now - self._said_at >= HINT_INTERVAL:
-            self._said_at = now
-            logger.warning(self._message, *args)
 
 
 def _closed_error(task: Task) -> ClientClosedError:
@@ -127,12 +105,12 @@ class CallbackIntake:
         self.verify = verify
         self.token_in: CallbackTokenIn = token_in
         self._counters = counters
-        self._secret_hint = _Hint(
+        self._secret_hint = Hint(
             "a refused callback token looks like one this SDK issues, but no secret of this "
             "client matches it: do all workers (and deployments) behind the callback URL "
             "share KEEVX_CALLBACK_SECRET? Without it each process draws its own secret"
         )
-        self._callback_hint = _Hint(
+        self._callback_hint = Hint(
             "task %s was finished by a status lookup: its callback had not come. If "
             "callbacks never arrive, check that the callback URL is reachable from the "
             "service (a public URL routed to client.callback_app) and answers 200"
@@ -232,6 +210,7 @@ class CallbackIntake:
             if looks_issued(token):
                 # Right shape, a MAC no secret of ours gives: most likely issued by
                 # another process of the app, with another secret.
+                self._counters.callbacks_wrong_secret += 1
                 self._secret_hint.say()
             raise CallbackAuthError(
                 f"callback {why}: it was not sent to a callback URL this client issued"
@@ -320,4 +299,5 @@ class CallbackIntake:
             self.router.finished(payload, task.submission_id)
         if task.submission_id is not None:  # it was sent with a callback URL
             # Once in a while it is the service; every time, the URL.
+            self._counters.callbacks_missed += 1
             self._callback_hint.say(task_id)

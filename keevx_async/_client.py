@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 if sys.version_info < (3, 11):  # pragma: no cover (the builtin from 3.11 on)
     from exceptiongroup import BaseExceptionGroup
@@ -39,6 +39,7 @@ from ._models import (
     TaskSnapshot,
     check_http_url,
     check_text,
+    is_local_host,
 )
 from ._receiver import DEFAULT_MAX_BODY_SIZE, CallbackApp
 from ._reconcile import Reconciler
@@ -281,7 +282,8 @@ class AsyncKeevx:
         self._entered_in: int | None = None
         self._background_ended: anyio.Event | None = None
         self._background_scope: anyio.CancelScope | None = None
-        self._warned_no_callback = False
+        self._checked_callback_url: str | None = None
+        self._warned: set[str] = set()  # what was warned about once already
         self._closed = False
         self.callback_app: CallbackApp = CallbackApp(
             authenticate=self._callbacks.authenticate,
@@ -428,6 +430,9 @@ class AsyncKeevx:
         if callback_url is None:
             self._warn_no_callback()
         else:
+            if callback_url is not self._checked_callback_url:
+                self._checked_callback_url = callback_url
+                self._warn_unreachable(callback_url)
             submission_id, callback_url = self._callbacks.issue(callback_url)
         body = encode_request(request, callback_url)
         try:
@@ -693,9 +698,28 @@ class AsyncKeevx:
 
     # --- warnings ---------------------------------------------------------------------
 
+    def _warn_unreachable(self, callback_url: str) -> None:
+        """Warn once per URL when the service cannot reach ``callback_url`` at all: a
+        loopback or private address, while the service is not on this network."""
+        host = urlsplit(callback_url).hostname or ""
+        if (
+            is_local_host(host)
+            and not is_local_host(urlsplit(self.base_url).hostname or "")
+            and "unreachable" not in self._warned
+        ):
+            self._warned.add("unreachable")
+            logger.warning(
+                "callback_url %s points at %s, a local address the service cannot reach: "
+                "no callback will come, and results only arrive by lookups (after "
+                "reconcile_after). Give a public URL that routes to client.callback_app "
+                "(in development, a tunnel such as ngrok or cloudflared)",
+                callback_url,
+                host,
+            )
+
     def _warn_no_callback(self) -> None:
-        if not self._warned_no_callback:
-            self._warned_no_callback = True
+        if "no_callback" not in self._warned:
+            self._warned.add("no_callback")
             if self._reconciler is None:
                 logger.warning(
                     "no callback_url is configured and reconcile_after=None: the service "

@@ -8,6 +8,7 @@ invalid is ever sent. These classes know nothing of JSON; `keevx_async._wire` do
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -137,6 +138,19 @@ def _check_generate_count(_: object, attribute: attrs.Attribute[Any], value: obj
             f"generate_count must be 1..{MAX_GENERATE_COUNT}; got {value}",
             field="generate_count",
         )
+
+
+def is_local_host(host: str) -> bool:
+    """Whether ``host`` (a URL's hostname) names this machine or a private network: a
+    service on the internet cannot reach it."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # a name: whether it resolves to a public address is not ours to ask
+    return address.is_loopback or address.is_private or address.is_link_local
 
 
 def check_http_url(value: object, field: str) -> str:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Final
 import attrs
 
 from ._exceptions import CallbackAuthError, KeevxError
+from ._hints import Hint
 from ._models import CallbackOutcome, CallbackPayload
 from ._stats import Counters
 
@@ -39,6 +40,9 @@ DEFAULT_EARLY_MAX_AGE: Final = 600.0
 DEFAULT_REMEMBER_DONE: Final = 10_000
 #: A submission never has more tasks than this, so never more early callbacks either.
 _MAX_EARLY_PER_SUBMISSION: Final = MAX_GENERATE_COUNT
+#: An early callback still unclaimed after this many seconds (or half its maximum age)
+#: is unusual: a submit reply comes far sooner. The likely causes are named in a hint.
+UNCLAIMED_HINT_AFTER: Final = 30.0
 
 
 @attrs.define
@@ -108,6 +112,14 @@ class TaskRegistry:
         self._submissions: OrderedDict[str, tuple[str | None, ...]] = OrderedDict()
         self._max_early = max_early
         self._early_max_age = early_max_age
+        self._hint_after = min(UNCLAIMED_HINT_AFTER, early_max_age / 2)
+        self._unclaimed_hint = Hint(
+            "a callback for task %s has waited %.0f s for its task, and no task of this "
+            "process has that ID: if several processes serve the callback URL (uvicorn or "
+            "gunicorn --workers N), callbacks reach the wrong one: share a "
+            "kx.RedisRouter between them. Otherwise another deployment sends its "
+            "callbacks here (a callback URL shared by two apps)"
+        )
         self._remember_done = remember_done
         self._clock = clock
         self.counters = Counters() if counters is None else counters
@@ -359,6 +371,10 @@ class TaskRegistry:
         while early:
             key, oldest = next(iter(early.items()))
             if oldest.arrived > limit:
+                if now - oldest.arrived >= self._hint_after:
+                    self._unclaimed_hint.say(key[0], now - oldest.arrived)
                 break
             self._take_early(key)
+            self.counters.callbacks_unclaimed += 1
             self._evict(key, f"its task was not registered within {self._early_max_age:g} s")
+            self._unclaimed_hint.say(key[0], now - oldest.arrived)

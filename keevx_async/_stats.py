@@ -35,6 +35,13 @@ class ClientStats:
         callbacks_buffered: early callbacks kept for a task not registered yet.
         callbacks_duplicate: callbacks for a task already finished (no change).
         callbacks_evicted: early callbacks dropped (buffer full or too old).
+        callbacks_unclaimed: early callbacks dropped because no task of this process
+            claimed them in ``early_callback_max_age`` (callbacks of another process
+            or deployment; see Troubleshooting).
+        callbacks_wrong_secret: callbacks refused whose token this SDK issued, but with
+            another secret (workers not sharing ``KEEVX_CALLBACK_SECRET``).
+        callbacks_missed: tasks sent with a callback URL that a lookup finished, their
+            callback not having come (is the callback URL reachable?).
         callbacks_forwarded: callbacks for tasks this client does not wait for,
             recorded by the router for the process that does (or will).
         router_errors: callbacks refused (503) because the router could not record
@@ -58,6 +65,9 @@ class ClientStats:
     callbacks_buffered: int
     callbacks_duplicate: int
     callbacks_evicted: int
+    callbacks_unclaimed: int
+    callbacks_wrong_secret: int
+    callbacks_missed: int
     callbacks_forwarded: int
     router_errors: int
     pending: int
@@ -84,6 +94,9 @@ class Counters:
     callbacks_buffered: int = 0
     callbacks_duplicate: int = 0
     callbacks_evicted: int = 0
+    callbacks_unclaimed: int = 0
+    callbacks_wrong_secret: int = 0
+    callbacks_missed: int = 0
     callbacks_forwarded: int = 0
     router_errors: int = 0
 

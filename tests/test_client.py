@@ -378,6 +378,52 @@ async def test_a_token_from_a_process_with_another_secret_names_the_likely_cause
     hints = [r for r in caplog.records if "KEEVX_CALLBACK_SECRET" in r.getMessage()]
     assert len(hints) == 1
     assert other.stats.callbacks_rejected == 4
+    assert other.stats.callbacks_wrong_secret == 3  # the one of another shape is not
+
+
+@pytest.mark.parametrize(
+    "callback_url",
+    [
+        "http://localhost:8000/keevx/callback",
+        "http://127.0.0.1:8000/keevx/callback",
+        "http://192.168.1.20/keevx/callback",
+        "http://[::1]:8000/keevx/callback",
+        "http://app.localhost/cb",
+    ],
+)
+async def test_a_callback_url_the_service_cannot_reach_is_named(
+    callback_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found with the README quick start: a callback URL where nothing could reach it
+    # returned after 300.7 s with no log line at all.
+    caplog.set_level(logging.WARNING, logger="keevx_async")
+    async with wired(callback_url=callback_url) as (_fake, client):
+        for prompt in ("a fox", "a hen"):
+            await client.submit(kx.ImageRequest(prompt))
+    hints = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+    assert len(hints) == 1  # once per client
+    assert callback_url in hints[0]
+    assert "tunnel" in hints[0]
+
+
+@pytest.mark.parametrize(
+    ("base_url", "callback_url"),
+    [
+        ("http://127.0.0.1:9000", "http://127.0.0.1:8000/cb"),  # the service is local too
+        ("https://api.keevx.cn", "https://app.example.com/cb"),
+        ("https://api.keevx.cn", "http://8.8.8.8/cb"),
+    ],
+)
+async def test_a_reachable_callback_url_is_not_flagged(
+    base_url: str, callback_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="keevx_async")
+    async with FakeKeevx() as fake, fake.http_client() as http:
+        async with kx.AsyncKeevx(
+            api_key="k", base_url=base_url, http_client=http, callback_url=callback_url
+        ) as client:
+            await client.submit(kx.ImageRequest("a fox"))
+    assert not [r for r in caplog.records if "cannot reach" in r.getMessage()]
 
 
 @pytest.mark.parametrize("token_in", ["query", "path"])
@@ -634,8 +680,10 @@ async def test_ambiguous_server_error_is_not_retried(status: int) -> None:
 
 
 async def test_read_timeout_after_sending_is_ambiguous() -> None:
-    async with FakeKeevx(api_key=API_KEY, latency=2.0) as fake, fake.serve() as server:
-        async with kx.AsyncKeevx(api_key=API_KEY, base_url=server.url, timeout=0.2) as client:
+    # The reply takes far longer than the timeout; the timeout is long enough for the
+    # request to arrive on a busy machine (0.2 s was not, with two test runs at once).
+    async with FakeKeevx(api_key=API_KEY, latency=3.0) as fake, fake.serve() as server:
+        async with kx.AsyncKeevx(api_key=API_KEY, base_url=server.url, timeout=1.5) as client:
             with pytest.raises(kx.TransportError) as caught:
                 await client.submit(kx.ImageRequest("x"))
         assert fake.submit_calls == 1

@@ -75,6 +75,7 @@ async def test_lost_callbacks_are_recovered_by_one_lookup_each(
     # none at all for the tasks whose callback came.
     assert fake.get_calls == 10
     assert stats.resolved_by_lookup == 10
+    assert stats.callbacks_missed == 10
     assert stats.resolved_by_callback == 10
     assert stats.lookups == 10
     assert stats.lookup_errors == 0

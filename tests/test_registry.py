@@ -486,3 +486,49 @@ def test_one_token_buffers_at_most_as_many_callbacks_as_a_submission_has_tasks()
     assert registry.early_count == 1  # s1's leftovers can never apply, so they went
     with pytest.raises(kx.CallbackAuthError, match="another submission"):
         registry.apply(_succeeded("t9"), "s1")
+
+
+def test_an_early_callback_nobody_claims_names_the_likely_cause(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Found with uvicorn --workers 4 and no RedisRouter: callbacks reaching the wrong
+    # worker were answered 200, held as early, and expired with no word at all.
+    caplog.set_level(logging.WARNING, logger="keevx_async")
+    registry, clock = _registry(early_max_age=600.0)
+    registry.apply(_succeeded("t-elsewhere"), "s-other")
+    clock.now += 29.0
+    registry.apply(_succeeded("t-normal"), "s1")  # any activity checks the oldest
+    assert not [r for r in caplog.records if "RedisRouter" in r.getMessage()]
+
+    clock.now += 2.0  # 31 s: no submit reply takes that long
+    registry.apply(_succeeded("t-more"), "s2")
+    [hint] = [r.getMessage() for r in caplog.records if "RedisRouter" in r.getMessage()]
+    assert "t-elsewhere" in hint
+    assert "--workers" in hint
+    assert "another deployment" in hint
+    clock.now += 10.0
+    registry.apply(_succeeded("t-again"), "s3")  # said once a minute at most
+    assert len([r for r in caplog.records if "RedisRouter" in r.getMessage()]) == 1
+
+    clock.now += 600.0  # then dropped, counted as unclaimed
+    assert registry.early_count == 0
+    assert registry.counters.callbacks_unclaimed == 4
+    assert registry.counters.callbacks_evicted == 4
+
+
+def test_a_short_max_age_hints_at_half_of_it(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="keevx_async")
+    registry, clock = _registry(early_max_age=10.0)
+    registry.apply(_succeeded("t-elsewhere"), "s-other")
+    clock.now += 5.0
+    assert registry.early_count == 1
+    assert [r for r in caplog.records if "RedisRouter" in r.getMessage()]
+    assert registry.counters.callbacks_unclaimed == 0
+
+
+def test_a_full_buffer_evicts_without_counting_unclaimed() -> None:
+    registry, _ = _registry(max_early=1)
+    registry.apply(_succeeded("t1"), "s1")
+    registry.apply(_succeeded("t2"), "s1")
+    assert registry.counters.callbacks_evicted == 1
+    assert registry.counters.callbacks_unclaimed == 0
