@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from anyio.from_thread import BlockingPortal
 
 CALLBACK_PATH = "/keevx/callback"
+# Routes wait up to WAIT seconds; make the client with reconcile_after=RECONCILE_AFTER, so
+# that a lost callback is looked up well before that (the default is 300 s, as long).
+WAIT = 300
+RECONCILE_AFTER = 60
 
 
 # --8<-- [start:answer]
@@ -76,7 +80,7 @@ async def answer_callback(client: kx.AsyncKeevx, body: bytes, url: str) -> Reply
 async def generate_image(client: kx.AsyncKeevx, prompt: str) -> Reply:
     """Submit one image and wait for its callback; the answer for the app's own route."""
     try:
-        [result] = await client.generate(kx.ImageRequest(prompt), timeout=300)
+        [result] = await client.generate(kx.ImageRequest(prompt), timeout=WAIT)
     except kx.InvalidRequestError as exc:
         return Reply(422, json.dumps({"detail": str(exc)}).encode())
     except kx.TaskFailedError as exc:

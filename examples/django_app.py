@@ -129,14 +129,16 @@ async def _lifespan(
         if message["type"] == "lifespan.startup":
             try:
                 # From the KEEVX_* variables; lost callbacks looked up within the wait.
-                _client = kx.AsyncKeevx(reconcile_after=RECONCILE_AFTER)
+                # Entered here, in the lifespan's task, and left there at shutdown: the
+                # lookups (and a RedisRouter's work) run in the background meanwhile.
+                _client = await kx.AsyncKeevx(reconcile_after=RECONCILE_AFTER).__aenter__()
             except kx.KeevxError as exc:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             if _client is not None:
-                await _client.aclose()
+                await _client.__aexit__(None, None, None)
                 _client = None
             await send({"type": "lifespan.shutdown.complete"})
             return

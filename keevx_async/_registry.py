@@ -376,5 +376,5 @@ class TaskRegistry:
                 break
             self._take_early(key)
             self.counters.callbacks_unclaimed += 1
-            self._evict(key, f"its task was not registered within {self._early_max_age:g} s")
             self._unclaimed_hint.say(key[0], now - oldest.arrived)
+            self._evict(key, f"its task was not registered within {self._early_max_age:g} s")
