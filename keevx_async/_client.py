@@ -298,27 +298,27 @@ class AsyncKeevx:
     # --- lifetime ---------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        """Start the lookup sweeper (see ``reconcile_after``) and the router's work,
-        and return the client."""
+        """Start the lookup sweeper (see ``reconcile_after``), the router's work and the
+        early-callback check, and return the client."""
         self._check_open()
         if self._task_group is not None:
             raise RuntimeError("this AsyncKeevx is already entered: enter it once")
-        if self._reconciler is not None or self.router.shares_callbacks:
-            self._task_group = task_group = await enter_task_group()
-            self._entered_in = anyio.get_current_task().id
-            self._background_ended = ended = anyio.Event()
-            try:
-                await task_group.start(self._background, ended)
-            except BaseException:
-                self._task_group = None
-                await exit_task_group(task_group)
-                raise
+        self._task_group = task_group = await enter_task_group()
+        self._entered_in = anyio.get_current_task().id
+        self._background_ended = ended = anyio.Event()
+        try:
+            await task_group.start(self._background, ended)
+        except BaseException:
+            self._task_group = None
+            await exit_task_group(task_group)
+            raise
         return self
 
     async def _background(
         self, ended: anyio.Event, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """The work of an entered client: the router's, and the lookup sweeper."""
+        """The work of an entered client: the router's, the lookup sweeper, the check of
+        early callbacks."""
         try:
             async with anyio.create_task_group() as task_group:
                 self._background_scope = task_group.cancel_scope
@@ -326,6 +326,7 @@ class AsyncKeevx:
                     await task_group.start(self.router.run, self._callbacks.router_host())
                 if self._reconciler is not None:
                     await task_group.start(self._reconciler.host)
+                task_group.start_soon(self._check_early_callbacks)
                 task_status.started()
         except BaseExceptionGroup as group:
             # A part that failed to start fails the `async with` as itself.
@@ -334,6 +335,12 @@ class AsyncKeevx:
             raise
         finally:
             ended.set()
+
+    async def _check_early_callbacks(self) -> None:
+        registry = self._callbacks.registry
+        while True:
+            await anyio.sleep(registry.check_interval)
+            registry.check_early()
 
     async def __aexit__(
         self,

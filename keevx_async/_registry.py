@@ -138,6 +138,17 @@ class TaskRegistry:
         self._expire_early(self._clock())
         return len(self._early)
 
+    @property
+    def check_interval(self) -> float:
+        """How often `check_early` should run for its hint to come in time."""
+        return self._hint_after / 2
+
+    def check_early(self) -> None:
+        """Drop early callbacks past their age and hint at ones long unclaimed. Also done
+        by every callback and registration; a client calls it now and then besides, so
+        that a process that gets no more work still says what it holds."""
+        self._expire_early(self._clock())
+
     def get(self, task_id: str) -> Task | None:
         """The pending task with this ID, if any."""
         ref = self._pending.get(task_id)
