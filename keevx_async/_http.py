@@ -38,6 +38,7 @@ from ._throttle import Throttle, backoff_delay, parse_retry_after
 from ._transports import FanoutClient, FanoutTransport
 from ._transports.aiohttp import AiohttpTransport
 from ._transports.fanout_client import attempt_deadline
+from ._transports.sharded import ShardedTransport
 from ._version import __version__
 from ._wire import Envelope, WireFormatError, decode_envelope
 
@@ -360,12 +361,13 @@ class HTTPEngine:
         deadline = self._deadline
         assert deadline is not None
         with anyio.move_on_after(deadline) as scope:
-            response = await self.http.request(
-                method, url, content=content, headers=self._headers, timeout=self._timeout
-            )
-            if _keeps_deadline(self.http):
-                self._deadline = None
-            return response
+            try:
+                return await self.http.request(
+                    method, url, content=content, headers=self._headers, timeout=self._timeout
+                )
+            finally:
+                if _keeps_deadline(self.http):  # known once the first request chose it
+                    self._deadline = None
         assert scope.cancelled_caught  # pragma: no branch (the only way here)
         # Ambiguous like any read timeout: the request may have reached the service.
         raise httpx.ReadTimeout(f"the attempt took longer than {deadline:g} s (timeout)")
@@ -481,8 +483,12 @@ def describe(exc: BaseException) -> str:
 
 
 def _keeps_deadline(http: httpx.AsyncClient) -> bool:
-    """Whether ``http`` sends through the SDK's aiohttp transport, which bounds a whole
-    attempt with aiohttp's own total timeout (known once a request has chosen it)."""
+    """Whether ``http`` sends through a transport of the SDK's that bounds a whole attempt
+    itself (aiohttp's total timeout; the sharded pools' bounded streams): known once a
+    request has chosen the transport."""
     transport = getattr(http, "_direct", None)
     chosen = transport.chosen if isinstance(transport, FanoutTransport) else None
-    return isinstance(http, FanoutClient) and isinstance(chosen, AiohttpTransport)
+    return isinstance(http, FanoutClient) and (
+        isinstance(chosen, AiohttpTransport)
+        or (isinstance(chosen, ShardedTransport) and chosen.keeps_deadline)
+    )
