@@ -9,6 +9,9 @@ import keevx_async as kx
 async with kx.AsyncKeevx(callback_url="https://example.com/keevx/callback") as client:
     images = await client.generate(kx.ImageRequest("a red fox in the snow"))
 ```
+
+Code that cannot ``await`` (a script, a notebook, a WSGI view) uses ``kx.Keevx``, the same
+client behind blocking calls.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ._redis import RedisRouter
 from ._router import CallbackRouter, LocalRouter, RouterHost, TaskRecord
 from ._server import CallbackServer
 from ._stats import ClientStats
+from ._sync import Keevx, SyncBatch, SyncSubmission, SyncTask
 from ._task import Submission, Task
 from ._version import __version__
 
@@ -58,6 +62,7 @@ __all__ = [
     "ImageRequest",
     "ImageResult",
     "InvalidRequestError",
+    "Keevx",
     "KeevxError",
     "LocalRouter",
     "RateLimitError",
@@ -66,6 +71,9 @@ __all__ = [
     "RouterHost",
     "ServerError",
     "Submission",
+    "SyncBatch",
+    "SyncSubmission",
+    "SyncTask",
     "Task",
     "TaskFailedError",
     "TaskPendingError",

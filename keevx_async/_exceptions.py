@@ -224,15 +224,25 @@ class ClientClosedError(KeevxError):
     waits forever. The task itself may still finish at the service: re-attach to it with
     ``client.task(task_id, request=...)`` on an open client (its callback, or a lookup,
     then finishes it), or look it up with ``retrieve``.
+
+    A call of the synchronous [`Keevx`][keevx_async.Keevx] still running when the client
+    is closed from another thread ends with it too, with ``task_id`` ``None``.
     """
 
     def __init__(self, *, task_id: str | None, request: ImageRequest | None = None) -> None:
         self.task_id = task_id
         self.request = request
-        super().__init__(
-            f"the client closed before task {task_id} finished; to get its result, "
-            f"re-attach with client.task({task_id!r}, request=...) on an open client"
-        )
+        if task_id is None:
+            message = (
+                "the client was closed while this call was running; what it had "
+                "submitted may still run at the service"
+            )
+        else:
+            message = (
+                f"the client closed before task {task_id} finished; to get its result, "
+                f"re-attach with client.task({task_id!r}, request=...) on an open client"
+            )
+        super().__init__(message)
 
 
 class TaskPendingError(KeevxError):

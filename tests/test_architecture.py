@@ -11,9 +11,9 @@ import keevx_async
 
 PACKAGE = Path(keevx_async.__file__).parent
 MAP = Path(__file__).parent.parent / "docs" / "architecture.md"
-# Who may import the client: the package's front door, the demo and the test kit
-# (``fake.client()``).
-CLIENT_USERS = {"__init__.py", "_demo.py", "testing"}
+# Who may import the client: the package's front door, the synchronous client that runs
+# one, the demo and the test kit (``fake.client()``).
+CLIENT_USERS = {"__init__.py", "_sync.py", "_demo.py", "testing"}
 
 
 def _mapped_modules() -> list[str]:

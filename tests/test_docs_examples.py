@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from wiring import API_KEY, fake_in_thread
 
 import keevx_async
 import keevx_async.testing
@@ -82,3 +83,26 @@ def test_the_readmes_fakekeevx_snippet_runs_as_printed() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert re.fullmatch(r"https://\S+/i2is-\S+\.png\n", done.stdout), done.stdout
+
+
+def test_the_readmes_sync_snippet_runs_as_printed() -> None:
+    """The README's synchronous snippet is a whole script: it runs, against the service
+    its environment names (here FakeKeevx on a loopback port), results by lookups."""
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme.split("### Without `await`", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("KEEVX_")}
+    with fake_in_thread() as (fake, _):
+        env.update(KEEVX_API_KEY=API_KEY, KEEVX_BASE_URL=fake.base_url)
+        done = subprocess.run(  # noqa: S603 (our own interpreter, the README's own code)
+            [sys.executable, "-c", snippet],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    [task] = fake.tasks.values()
+    assert task.prompt == "a red fox in the snow"
+    assert done.stdout == f"{task.image_url}\n"

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import socket
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import httpx
+from anyio.from_thread import start_blocking_portal
 
 import keevx_async as kx
 from keevx_async.testing import FakeKeevx
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Mapping
+    from collections.abc import AsyncIterator, Iterator, Mapping
+
+    from anyio.from_thread import BlockingPortal
 
 API_KEY = "test-key"
 CALLBACK_URL = "https://app.example.test/keevx/callback"
@@ -33,6 +36,21 @@ async def wired(
     client_options.setdefault("callback_url", CALLBACK_URL)
     async with FakeKeevx(**options) as fake, fake.client(**client_options) as client:
         yield fake, client
+
+
+@contextmanager
+def fake_in_thread(**fake_options: Any) -> Iterator[tuple[FakeKeevx, BlockingPortal]]:
+    """A running FakeKeevx on a loopback port, served by an event loop in a thread of its
+    own: the service for tests of synchronous code. Call into it with ``portal.call``."""
+    options: dict[str, Any] = {"api_key": API_KEY, "seed": 1234, "complete_after": 0.001}
+    options.update(fake_options)
+    fake = FakeKeevx(**options)
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(fake),
+        portal.wrap_async_context_manager(fake.serve()),
+    ):
+        yield fake, portal
 
 
 def callback_body(
