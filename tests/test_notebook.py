@@ -119,3 +119,20 @@ def test_entered_in_one_cell_and_left_in_another(
         "await client.__aexit__(None, None, None)\nprint('left', client._reconciler.running)",
     )
     assert out.strip() == "left False"
+
+
+def test_the_sync_client_in_a_real_kernel(kernel: BlockingKernelClient, fake_url: str) -> None:
+    """No ``await`` at all: ``kx.Keevx`` blocks the cell while Jupyter's loop runs."""
+    run_cell(
+        kernel,
+        "import keevx_async as kx\n"
+        f"client = kx.Keevx(api_key='test', base_url={fake_url!r}, reconcile_after=0.2)",
+    )
+    out = run_cell(
+        kernel,
+        "images = client.generate(kx.ImageRequest('a heron', generate_count=2), timeout=30)\n"
+        "print(len(images), all(i.image_url.endswith(i.task_id + '.png') for i in images))",
+    )
+    assert out.strip() == "2 True"
+    out = run_cell(kernel, "client.close()\nprint('closed', client.stats.pending)")
+    assert out.strip() == "closed 0"
