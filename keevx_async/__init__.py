@@ -21,6 +21,7 @@ from ._exceptions import (
     CallbackAuthError,
     CallbackError,
     ClientClosedError,
+    DownloadError,
     InvalidRequestError,
     KeevxError,
     RateLimitError,
@@ -32,7 +33,7 @@ from ._exceptions import (
     TransportError,
     UnknownTaskError,
 )
-from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot
+from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot, UploadedFile
 from ._redact import CallbackTokenFilter, redact_callback_tokens
 from ._redis import RedisRouter
 from ._router import CallbackRouter, LocalRouter, RouterHost, TaskRecord
@@ -55,6 +56,7 @@ __all__ = [
     "CallbackTokenFilter",
     "ClientClosedError",
     "ClientStats",
+    "DownloadError",
     "ImageRequest",
     "ImageResult",
     "InvalidRequestError",
@@ -74,6 +76,7 @@ __all__ = [
     "TaskTimeoutError",
     "TransportError",
     "UnknownTaskError",
+    "UploadedFile",
     "__version__",
     "redact_callback_tokens",
 ]
