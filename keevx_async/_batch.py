@@ -106,6 +106,7 @@ class Batch:
         timeout: float | None,
         max_pending: int = DEFAULT_MAX_PENDING,
         save: Callable[[ImageResult], Awaitable[ImageResult]] | None = None,
+        savers: int = 1,
     ) -> None:
         timeout = check_seconds("timeout", timeout, none_ok=True)
         self._max_pending = check_int("max_pending", max_pending, minimum=1)
@@ -116,6 +117,11 @@ class Batch:
         self._timeout = timeout
         self._save = save
         self._saving = 0
+        # Finished tasks whose image is to be saved, taken in turn by at most `savers`
+        # tasks of the batch: no task per image, however many finish at once.
+        self._to_save: deque[Task] = deque()
+        self._savers = 0
+        self._max_savers = check_int("savers", savers, minimum=1)
         self._completed: deque[Task] = deque()
         self._outstanding: set[Task] = set()
         self._deadlines: deque[tuple[float, Task]] = deque()
@@ -191,6 +197,7 @@ class Batch:
         self._outstanding.clear()
         self._deadlines.clear()
         self._completed.clear()
+        self._to_save.clear()
 
     # --- iteration --------------------------------------------------------------------
 
@@ -232,13 +239,25 @@ class Batch:
 
     def _collect(self, task: Task) -> None:
         """A finished task: to be yielded now, or once its image is saved."""
-        if self._save is not None and task._result is not None:
-            assert self._task_group is not None
-            self._saving += 1
-            self._task_group.start_soon(self._save_one, self._save, task, task._result)
-        else:
+        if self._save is None or task._result is None:
             self._completed.append(task)
-        self._wake()
+            self._wake()
+            return
+        self._to_save.append(task)
+        self._saving += 1
+        if self._savers < self._max_savers:
+            assert self._task_group is not None
+            self._savers += 1
+            self._task_group.start_soon(self._saver, self._save)
+
+    async def _saver(self, save: Callable[[ImageResult], Awaitable[ImageResult]]) -> None:
+        try:
+            while self._to_save:
+                task = self._to_save.popleft()
+                assert task._result is not None
+                await self._save_one(save, task, task._result)
+        finally:
+            self._savers -= 1
 
     # --- background work (all in the batch's task group) ------------------------------
 

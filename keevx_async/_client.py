@@ -546,6 +546,7 @@ class AsyncKeevx:
             timeout=timeout,
             max_pending=max_pending,
             save=save,
+            savers=self._downloader.max_downloads,
         )
 
     async def generate_many(

@@ -14,8 +14,11 @@ Two jobs, apart from the client that composes them:
   target directory, then fsynced and renamed into place: a crash never leaves a partial
   file under the final name. Status, ``Content-Type`` and ``Content-Length`` are checked;
   transient failures (connection errors, timeouts, bodies cut short, 5xx, 429) are retried
-  with backoff, honouring ``Retry-After``. At most ``max_downloads`` run at once. Every
-  file system call runs on a worker thread: the event loop never waits for a disk.
+  with backoff, honouring ``Retry-After``. At most ``max_downloads`` run at once, and what
+  they do on a disk (creating the directory, writing, fsync, rename) runs on a worker
+  thread, under the download's slot: the event loop never waits for a write, and ten
+  thousand tasks finishing at once never become ten thousand thread calls. (Looking for an
+  existing file in a directory already made is one ``stat``, made in place.)
 
 `file_name` is the naming rule, a pure function: one safe path component from a task ID
 or a URL, with an extension from the URL, else from the ``Content-Type``.
@@ -37,7 +40,7 @@ import time
 from collections import OrderedDict
 from contextlib import aclosing
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final, cast
 from urllib.parse import unquote, urlsplit
 
 import anyio
@@ -94,6 +97,9 @@ MAX_STEM_BYTES: Final = 150
 HINT_INTERVAL: Final = 60.0
 """Seconds between two warnings naming the same likely cause."""
 _DIGEST_CACHE_SIZE: Final = 4096
+_IOV_MAX: Final = 512  # buffers per writev call, well under every system's IOV_MAX
+# A new file, never an existing one, not inherited by child processes.
+_CREATE_NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 # What a file's extension may be when it is taken from a URL; anything else comes from
 # the Content-Type.
@@ -481,8 +487,11 @@ def _place(
     *,
     overwrite: bool,
     as_directory: bool,
+    make_directory: bool = True,
 ) -> _Placement:
-    """Resolve ``dest`` (worker thread): create its directory, find an existing target."""
+    """Resolve ``dest``: create its directory (unless known to exist), find an existing
+    target. A worker thread's job, but for a directory known to exist, where it is one
+    ``stat`` (cheaper in place than the thread call)."""
     path = Path(dest)
     if as_directory or means_directory(dest):
         directory, name = path, None
@@ -490,7 +499,8 @@ def _place(
             name = file_name(url, stem)
     else:
         directory, name = path.parent, path.name
-    directory.mkdir(parents=True, exist_ok=True)
+    if make_directory:
+        directory.mkdir(parents=True, exist_ok=True)
     existing = None
     if not overwrite:
         # Named from the Content-Type, the file may exist with any of the known extensions.
@@ -507,17 +517,31 @@ def _place(
     return _Placement(directory=directory, name=name, stem=stem, existing=existing)
 
 
+def _write_all(fd: int, chunks: list[bytes]) -> None:
+    """Write ``chunks`` to ``fd`` with as few system calls as it takes (no joined copy)."""
+    while chunks:
+        batch = chunks[:_IOV_MAX]
+        written = os.writev(fd, batch)
+        for index, chunk in enumerate(batch):
+            if written < len(chunk):
+                chunks = [chunk[written:], *batch[index + 1 :], *chunks[len(batch) :]]
+                break
+            written -= len(chunk)
+        else:
+            chunks = chunks[len(batch) :]
+
+
 class _PartFile:
     """A download's temporary file in the target directory, renamed into place once
     complete. `flush` and `commit` run on a worker thread; `discard` anywhere."""
 
-    __slots__ = ("_chunks", "_file", "_pending", "directory", "name", "temp")
+    __slots__ = ("_chunks", "_fd", "_pending", "directory", "name", "temp")
 
     def __init__(self, directory: Path, name: str) -> None:
         self.directory = directory
         self.name = name
         self.temp: Path | None = None
-        self._file: IO[bytes] | None = None
+        self._fd: int | None = None
         self._chunks: list[bytes] = []
         self._pending = 0
 
@@ -527,16 +551,19 @@ class _PartFile:
         self._pending += len(chunk)
         return self._pending >= FLUSH_BYTES
 
-    def flush(self) -> None:
-        """Write what is kept (worker thread), opening the temporary file first."""
-        if self._file is None:
+    def flush(self) -> int:
+        """Write what is kept (worker thread), creating the temporary file first; its
+        file descriptor."""
+        fd = self._fd
+        if fd is None:
             # Hidden, unique, and in the same directory: the rename stays atomic.
             token = secrets.token_hex(4)
             self.temp = self.directory / f".{self.name[:100]}.{token}.part"
-            self._file = self.temp.open("xb")
-        self._file.write(b"".join(self._chunks))
-        self._chunks.clear()
+            fd = self._fd = os.open(self.temp, _CREATE_NEW, 0o666)
+        _write_all(fd, self._chunks)
+        self._chunks = []
         self._pending = 0
+        return fd
 
     def commit(self, *, overwrite: bool) -> Path:
         """Write the rest, fsync, rename into place (worker thread); the final path.
@@ -544,13 +571,11 @@ class _PartFile:
         Without ``overwrite``, a file that appeared under the name meanwhile (another
         download of the same result) is kept and this one dropped.
         """
-        self.flush()
-        assert self._file is not None
+        fd = self.flush()
         assert self.temp is not None
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+        os.fsync(fd)
+        self._fd = None
+        os.close(fd)
         target = self.directory / self.name
         if not overwrite and target.is_file():
             self.temp.unlink()
@@ -561,9 +586,9 @@ class _PartFile:
 
     def discard(self) -> None:
         """Close and remove the temporary file, if any (after a failure or a cancel)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self.temp is not None:
             self.temp.unlink(missing_ok=True)
             self.temp = None
@@ -621,6 +646,7 @@ class Downloader:
     """
 
     __slots__ = (
+        "_directories",
         "_expired_hint",
         "_http",
         "_max_retries",
@@ -628,6 +654,7 @@ class Downloader:
         "_owns_http",
         "_slots",
         "_type_hint",
+        "max_downloads",
     )
 
     def __init__(
@@ -641,7 +668,10 @@ class Downloader:
     ) -> None:
         self._http = http
         self._owns_http = owns_http
+        self.max_downloads = max_downloads
         self._slots = anyio.Semaphore(max_downloads)
+        # Destinations made (or found) to be directories by a download before.
+        self._directories: set[Path] = set()
         self._max_retries = max_retries
         self._max_retry_wait = max_retry_wait
         self._expired_hint = _Hint(
@@ -689,21 +719,35 @@ class Downloader:
         Raises:
             DownloadError: the file could not be fetched or written, after retries.
         """
-        try:
-            placement = await anyio.to_thread.run_sync(
-                lambda: _place(dest, url, stem, overwrite=overwrite, as_directory=as_directory)
-            )
-        except OSError as exc:
-            raise DownloadError(
-                f"cannot save {shown(url)} to {os.fspath(dest)!r}: {exc}", url=url, result=result
-            ) from exc
-        if placement.existing is not None:
-            return placement.existing
+        place = functools.partial(
+            _place, dest, url, stem, overwrite=overwrite, as_directory=as_directory
+        )
+        # A destination found to be a directory before is one still: no thread call to
+        # make it again, only a stat for an existing file.
+        placement: _Placement | None = None
         for attempt in itertools.count():
+            # Everything a download does on a worker thread is under its slot too: ten
+            # thousand tasks finishing at once never become ten thousand thread calls.
             async with self._slots:
-                outcome = await self._fetch(url, placement, kinds, overwrite=overwrite)
-            if isinstance(outcome, Path):
-                return outcome
+                if placement is None:
+                    try:
+                        if Path(dest) in self._directories:
+                            placement = place(as_directory=True, make_directory=False)
+                        else:
+                            placement = await anyio.to_thread.run_sync(place)
+                            if placement.directory == Path(dest):
+                                self._directories.add(placement.directory)
+                    except OSError as exc:
+                        raise DownloadError(
+                            f"cannot save {shown(url)} to {os.fspath(dest)!r}: {exc}",
+                            url=url,
+                            result=result,
+                        ) from exc
+                    if placement.existing is not None:
+                        return placement.existing
+                outcome = await self._fetch(url, placement, kinds)
+                if isinstance(outcome, _PartFile):
+                    return await self._commit(outcome, url, result, overwrite=overwrite)
             wait = (
                 outcome.retry_after if outcome.retry_after is not None else backoff_delay(attempt)
             )
@@ -742,10 +786,29 @@ class Downloader:
             message = f"downloading {shown(url)} failed{tries}: {failure.reason}"
         return DownloadError(message, url=url, status_code=failure.status_code, result=result)
 
+    async def _commit(
+        self, part: _PartFile, url: str, result: ImageResult | None, *, overwrite: bool
+    ) -> Path:
+        """Put a received file in place (worker thread); its path."""
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(part.commit, overwrite=overwrite)
+            )
+        except OSError as exc:
+            raise DownloadError(
+                f"downloading {shown(url)} failed: cannot write the file: {exc}",
+                url=url,
+                status_code=200,
+                result=result,
+            ) from exc
+        finally:
+            part.discard()  # nothing left to remove once committed
+
     async def _fetch(
-        self, url: str, placement: _Placement, kinds: tuple[str, ...], *, overwrite: bool
-    ) -> Path | _Failure:
-        """One attempt: the file's path, or why it failed."""
+        self, url: str, placement: _Placement, kinds: tuple[str, ...]
+    ) -> _PartFile | _Failure:
+        """One attempt: the whole body received (its temporary file not yet in place),
+        or why it failed."""
         part: _PartFile | None = None
         try:
             async with self._http.stream("GET", url) as response:
@@ -766,10 +829,8 @@ class Downloader:
                     return _Failure(f"the body was cut short: {received} of {expected} bytes")
                 if not received:
                     return _Failure("the body was empty")
-                commit = functools.partial(part.commit, overwrite=overwrite)
-                path = await anyio.to_thread.run_sync(commit)
-                part = None
-                return path
+                received_part, part = part, None
+                return received_part
         except httpx.TransportError as exc:
             return _Failure(_describe(exc), transient=not isinstance(exc, _UNSENDABLE))
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # undecodable, redirects, a URL
