@@ -599,8 +599,9 @@ class AsyncKeevx:
         Args:
             file: a path (``str`` or path object) of a JPG/JPEG/PNG/BMP/WebP/GIF file of
                 at most 20 MB, or the image's ``bytes``.
-            filename: the name to upload ``bytes`` under (required for them; its
-                extension says the type); for a path, default the file's own name.
+            filename: the name to upload under (required for ``bytes``: its extension
+                says the type); for a path, default the file's own name. A content
+                uploaded before is not uploaded again, under whatever name.
 
         Returns:
             the [`UploadedFile`][keevx_async.UploadedFile] (``url``, ``file_id``,
@@ -626,10 +627,8 @@ class AsyncKeevx:
             return await self._uploader.upload_bytes(content, name)
         path: object = Path(file) if isinstance(file, str) else file
         checked = check_local_image(path, "file")
-        what = repr(Path(checked).name)
-        if filename is not None:
-            what = repr(_check_filename(filename))
-        return await self._uploader.upload_path(checked, "file", what)
+        name = Path(checked).name if filename is None else _check_filename(filename)
+        return await self._uploader.upload_path(checked, "file", repr(name), filename=name)
 
     async def download(
         self,

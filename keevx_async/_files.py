@@ -98,8 +98,11 @@ HINT_INTERVAL: Final = 60.0
 """Seconds between two warnings naming the same likely cause."""
 _DIGEST_CACHE_SIZE: Final = 4096
 _IOV_MAX: Final = 512  # buffers per writev call, well under every system's IOV_MAX
-# A new file, never an existing one, not inherited by child processes.
-_CREATE_NEW: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+# A new file, never an existing one, not inherited by child processes, bytes as they are
+# (O_BINARY: Windows would otherwise translate newlines).
+_CREATE_NEW: Final = (
+    os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+)
 
 # What a file's extension may be when it is taken from a URL; anything else comes from
 # the Content-Type.
@@ -325,15 +328,21 @@ class Uploader:
         return tuple(urls)
 
     async def upload_path(
-        self, name: str, field: str, what: str, request: ImageRequest | None = None
+        self,
+        name: str,
+        field: str,
+        what: str,
+        request: ImageRequest | None = None,
+        filename: str | None = None,
     ) -> UploadedFile:
-        """Upload the file at ``name`` unless its content was uploaded before.
+        """Upload the file at ``name`` (as ``filename``, default its own name) unless its
+        content was uploaded before (under whatever name).
 
         Calls for the same path at once share one reading and one upload (and its
         failure: it was the same upload). ``field`` names the argument in errors about
         the file, ``what`` the file in errors about its upload.
         """
-        work = functools.partial(self._upload_path, name, field)
+        work = functools.partial(self._upload_path, name, field, filename or Path(name).name)
         return await self._shared(("path", name), work, what, request)
 
     async def upload_bytes(self, content: bytes, filename: str) -> UploadedFile:
@@ -380,7 +389,7 @@ class Uploader:
             flight.done.set()
         return flight.result
 
-    async def _upload_path(self, name: str, field: str) -> UploadedFile:
+    async def _upload_path(self, name: str, field: str, filename: str) -> UploadedFile:
         identity = await anyio.to_thread.run_sync(_identity, name, field)
         seen = self._digests.get(identity)
         if seen is not None:
@@ -393,7 +402,7 @@ class Uploader:
         self._digests[identity] = digest
         if len(self._digests) > _DIGEST_CACHE_SIZE:
             self._digests.popitem(last=False)
-        work = functools.partial(self._upload_content, digest, content, Path(name).name)
+        work = functools.partial(self._upload_content, digest, content, filename)
         return await self._once(("sha256", digest), work)
 
     async def _upload_content(self, digest: str, content: bytes, filename: str) -> UploadedFile:
@@ -517,11 +526,22 @@ def _place(
     return _Placement(directory=directory, name=name, stem=stem, existing=existing)
 
 
+def _writev(fd: int, buffers: list[bytes]) -> int:
+    """``os.writev``, or one ``os.write`` of the buffers joined where there is none
+    (Windows)."""
+    if _os_writev is not None:
+        return _os_writev(fd, buffers)
+    return os.write(fd, b"".join(buffers))  # pragma: no cover - Windows
+
+
+_os_writev: Final[Callable[[int, list[bytes]], int] | None] = getattr(os, "writev", None)
+
+
 def _write_all(fd: int, chunks: list[bytes]) -> None:
     """Write ``chunks`` to ``fd`` with as few system calls as it takes (no joined copy)."""
     while chunks:
         batch = chunks[:_IOV_MAX]
-        written = os.writev(fd, batch)
+        written = _writev(fd, batch)
         for index, chunk in enumerate(batch):
             if written < len(chunk):
                 chunks = [chunk[written:], *batch[index + 1 :], *chunks[len(batch) :]]

@@ -351,7 +351,7 @@ async def test_upload_takes_a_path_a_str_or_bytes(tmp_path: Path) -> None:
     other = image_file(tmp_path, "other.webp", seed="other")
     async with wired() as (fake, client):
         by_path = await client.upload(vase)
-        by_str = await client.upload(str(other), filename="renamed.webp")
+        by_str = await client.upload(str(other), filename="renamed.gif")
         by_bytes = await client.upload(png_bytes("third"), filename="third.gif")
     assert [stored.content for stored in fake.uploads.values()] == [
         vase.read_bytes(),
@@ -359,7 +359,7 @@ async def test_upload_takes_a_path_a_str_or_bytes(tmp_path: Path) -> None:
         png_bytes("third"),
     ]
     assert by_path.file_id in fake.uploads
-    assert by_str.file_name.endswith(".webp")
+    assert by_str.file_name.endswith(".gif")  # uploaded under the name given
     assert by_bytes.url.endswith(".gif")
     for uploaded in (by_path, by_str, by_bytes):
         assert uploaded.url.startswith(fake.base_url)
