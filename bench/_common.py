@@ -9,7 +9,9 @@ The server is deliberately as cheap as an HTTP/1.1 keep-alive server can be in P
 figures measure the client side. With ``--feed`` it also opens a second port and writes one
 line ``<task id> <callback url>`` per task created, so a benchmark can deliver each task's
 callback in process, exactly as the service would post it, without paying for a second
-HTTP server.
+HTTP server. With ``--files SIZE`` it is a file host instead: every GET is answered with
+the same ``SIZE`` bytes as ``image/png`` (the bytes are not a PNG: only the client's side is
+measured), after ``--delay SECONDS`` when given (a distant file host's first byte).
 """
 
 from __future__ import annotations
@@ -130,9 +132,38 @@ class _SubmitProtocol(asyncio.Protocol):
         ) + reply
 
 
-async def _serve(feed: bool) -> None:
+class _FileProtocol(_SubmitProtocol):
+    """Answers every GET on a keep-alive connection with the same file (after ``delay``)."""
+
+    reply = b""
+    delay = 0.0
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        requests = self.buffer.count(_HEAD_END)  # GETs: a head, no body
+        if not requests or self.transport is None:
+            return
+        self.buffer = self.buffer[self.buffer.rfind(_HEAD_END) + len(_HEAD_END) :]
+        reply = _FileProtocol.reply * requests
+        if _FileProtocol.delay:
+            asyncio.get_running_loop().call_later(_FileProtocol.delay, self.transport.write, reply)
+        else:
+            self.transport.write(reply)
+
+
+def _file_reply(size: int) -> bytes:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: %d\r\n\r\n" % size
+    return head + b"\x89PNG" + b"\0" * (size - 4)
+
+
+async def _serve(feed: bool, files: int = 0, delay: float = 0.0) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_SubmitProtocol, "127.0.0.1", 0, backlog=1024)
+    protocol: type[_SubmitProtocol] = _SubmitProtocol
+    if files:
+        _FileProtocol.reply = _file_reply(files)
+        _FileProtocol.delay = delay
+        protocol = _FileProtocol
+    server = await loop.create_server(protocol, "127.0.0.1", 0, backlog=1024)
     port = server.sockets[0].getsockname()[1]
     feed_port = 0
     if feed:
@@ -160,9 +191,15 @@ class Server:
 
 
 @contextmanager
-def loopback_server(*, feed: bool = False) -> Iterator[Server]:
-    """Start the minimal loopback server in a second process; stop it on exit."""
+def loopback_server(*, feed: bool = False, files: int = 0, delay: float = 0.0) -> Iterator[Server]:
+    """Start the minimal loopback server in a second process; stop it on exit.
+
+    ``files``: serve a file of that many bytes at every path instead of submit replies,
+    each ``delay`` seconds after its request.
+    """
     args = [sys.executable, __file__, "--serve"] + (["--feed"] if feed else [])
+    if files:
+        args += ["--files", str(files), "--delay", str(delay)]
     with subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None
@@ -271,4 +308,6 @@ def machine() -> str:
 
 if __name__ == "__main__":
     if "--serve" in sys.argv:
-        asyncio.run(_serve(feed="--feed" in sys.argv))
+        size = int(sys.argv[sys.argv.index("--files") + 1]) if "--files" in sys.argv else 0
+        pause = float(sys.argv[sys.argv.index("--delay") + 1]) if "--delay" in sys.argv else 0.0
+        asyncio.run(_serve(feed="--feed" in sys.argv, files=size, delay=pause))

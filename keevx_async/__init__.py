@@ -24,6 +24,7 @@ from ._exceptions import (
     CallbackAuthError,
     CallbackError,
     ClientClosedError,
+    DownloadError,
     InvalidRequestError,
     KeevxError,
     RateLimitError,
@@ -35,7 +36,7 @@ from ._exceptions import (
     TransportError,
     UnknownTaskError,
 )
-from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot
+from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot, UploadedFile
 from ._redact import CallbackTokenFilter, redact_callback_tokens
 from ._redis import RedisRouter
 from ._router import CallbackRouter, LocalRouter, RouterHost, TaskRecord
@@ -59,6 +60,7 @@ __all__ = [
     "CallbackTokenFilter",
     "ClientClosedError",
     "ClientStats",
+    "DownloadError",
     "ImageRequest",
     "ImageResult",
     "InvalidRequestError",
@@ -82,6 +84,7 @@ __all__ = [
     "TaskTimeoutError",
     "TransportError",
     "UnknownTaskError",
+    "UploadedFile",
     "__version__",
     "redact_callback_tokens",
 ]

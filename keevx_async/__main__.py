@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run with no callback URL (as a script with no public address): every result "
         "comes from status lookups",
     )
+    demo.add_argument(
+        "--download",
+        metavar="DIR",
+        help="save every image into DIR as it finishes (fetched from the emulator's file host)",
+    )
     return parser
 
 
@@ -73,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         concurrency=args.concurrency,
         callbacks=args.callbacks,
+        download=args.download,
     )
     return anyio.run(demo, backend=args.backend)
 

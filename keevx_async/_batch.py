@@ -19,7 +19,7 @@ import anyio
 import anyio.abc
 
 from ._checks import check_int, check_seconds
-from ._exceptions import KeevxError, TaskTimeoutError
+from ._exceptions import DownloadError, KeevxError, TaskTimeoutError
 from ._models import ImageRequest, ImageResult
 from ._task import LookupDriver, Submission, Task
 from ._taskgroups import enter_task_group, exit_task_group
@@ -77,7 +77,14 @@ class Batch:
 
     The counters are live, for progress displays: ``requests_read``, ``submitting``,
     ``submitted`` and ``submit_failed`` count requests; ``in_flight``, ``pending`` and
-    ``yielded`` count tasks.
+    ``yielded`` count tasks, and with ``download_to`` so do ``saving``, ``saved`` and
+    ``save_failed``.
+
+    With ``download_to``, a successful task is yielded once its image is saved
+    (``task.result().path``), or with the
+    [`DownloadError`][keevx_async.DownloadError] that kept it from being saved (its
+    ``result`` keeps the image's result). Downloads run in the batch's task group beside
+    the submits, so a slow file host delays only its own tasks.
 
     Memory is bounded by the tasks in flight: the input is read only as submit slots free
     up, and not at all while ``max_pending`` tasks are submitted but not yet yielded.
@@ -99,6 +106,8 @@ class Batch:
         concurrency: int,
         timeout: float | None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        save: Callable[[ImageResult], Awaitable[ImageResult]] | None = None,
+        savers: int = 1,
     ) -> None:
         timeout = check_seconds("timeout", timeout, none_ok=True)
         self._max_pending = check_int("max_pending", max_pending, minimum=1)
@@ -108,6 +117,13 @@ class Batch:
         self._lookups = lookups
         self._concurrency = concurrency
         self._timeout = timeout
+        self._save = save
+        self._saving = 0
+        # Finished tasks whose image is to be saved, taken in turn by at most `savers`
+        # tasks of the batch: no task per image, however many finish at once.
+        self._to_save: deque[Task] = deque()
+        self._savers = 0
+        self._max_savers = check_int("savers", savers, minimum=1)
         self._completed: deque[Task] = deque()
         self._outstanding: set[Task] = set()
         self._deadlines: deque[tuple[float, Task]] = deque()
@@ -126,6 +142,10 @@ class Batch:
         """Requests whose submit failed (each yielded as a task with ``task_id=None``)."""
         self.yielded = 0
         """Tasks yielded so far."""
+        self.saved = 0
+        """Images saved by ``download_to`` so far."""
+        self.save_failed = 0
+        """Images whose download failed (each task yielded with a ``DownloadError``)."""
 
     @property
     def in_flight(self) -> int:
@@ -134,8 +154,13 @@ class Batch:
 
     @property
     def pending(self) -> int:
-        """Tasks submitted and not yielded yet (finished or not)."""
-        return len(self._outstanding) + len(self._completed)
+        """Tasks submitted and not yielded yet (finished or not, being saved included)."""
+        return len(self._outstanding) + self._saving + len(self._completed)
+
+    @property
+    def saving(self) -> int:
+        """Finished tasks whose image ``download_to`` is saving right now."""
+        return self._saving
 
     @property
     def submitting(self) -> int:
@@ -177,6 +202,7 @@ class Batch:
         self._outstanding.clear()
         self._deadlines.clear()
         self._completed.clear()
+        self._to_save.clear()
 
     # --- iteration --------------------------------------------------------------------
 
@@ -192,7 +218,12 @@ class Batch:
                 if self._room is not None:
                     self._room.set()
                 return self._completed.popleft()
-            if self._input_done and not self._submitting and not self._outstanding:
+            if (
+                self._input_done
+                and not self._submitting
+                and not self._outstanding
+                and not self._saving
+            ):
                 if self._input_error is not None:
                     # Only now: every request read before the bad one has been reported.
                     raise self._input_error
@@ -209,8 +240,29 @@ class Batch:
     def task_done(self, task: Task) -> None:
         """Collect a finished task (called by the task itself)."""
         self._outstanding.discard(task)
-        self._completed.append(task)
-        self._wake()
+        self._collect(task)
+
+    def _collect(self, task: Task) -> None:
+        """A finished task: to be yielded now, or once its image is saved."""
+        if self._save is None or task._result is None:
+            self._completed.append(task)
+            self._wake()
+            return
+        self._to_save.append(task)
+        self._saving += 1
+        if self._savers < self._max_savers:
+            assert self._task_group is not None
+            self._savers += 1
+            self._task_group.start_soon(self._saver, self._save)
+
+    async def _saver(self, save: Callable[[ImageResult], Awaitable[ImageResult]]) -> None:
+        try:
+            while self._to_save:
+                task = self._to_save.popleft()
+                assert task._result is not None
+                await self._save_one(save, task, task._result)
+        finally:
+            self._savers -= 1
 
     # --- background work (all in the batch's task group) ------------------------------
 
@@ -271,7 +323,7 @@ class Batch:
             for task in submission.tasks:
                 task.position = position
                 if task.done():  # an early callback was waiting for it
-                    self._completed.append(task)
+                    self._collect(task)
                     continue
                 task._sink = self
                 self._outstanding.add(task)
@@ -284,6 +336,34 @@ class Batch:
             self._submitting -= 1
             slots.release()
             self._wake()
+
+    async def _save_one(
+        self,
+        save: Callable[[ImageResult], Awaitable[ImageResult]],
+        task: Task,
+        result: ImageResult,
+    ) -> None:
+        try:
+            saved = await save(result)
+        except Exception as exc:  # the task's error, below
+            if not isinstance(exc, DownloadError):
+                # A bug: still this task's error, with its result kept.
+                logger.exception("saving the image of task %s failed unexpectedly", task.task_id)
+                error = DownloadError(
+                    f"saving the image failed unexpectedly: {exc!r}",
+                    url=result.image_url,
+                    result=result,
+                )
+                error.__cause__ = exc
+                exc = error
+            self.save_failed += 1
+            task._settle_file(None, exc)
+        else:
+            self.saved += 1
+            task._settle_file(saved, None)
+        self._saving -= 1
+        self._completed.append(task)
+        self._wake()
 
     def _compact_deadlines(self) -> None:
         # Finished tasks leave the queue only from its front; drop the rest of them now and

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import quote, urlsplit
 
@@ -31,14 +32,26 @@ from ._exceptions import (
     InvalidRequestError,
     KeevxError,
 )
+from ._files import (
+    IMAGE_KINDS,
+    MEDIA_KINDS,
+    Downloader,
+    Uploader,
+    build_download_client,
+)
 from ._http import HTTPEngine, build_http_client, read_envelope
 from ._models import (
     CallbackOutcome,
     ImageRequest,
     ImageResult,
     TaskSnapshot,
+    UploadedFile,
     check_http_url,
+    check_image_name,
+    check_image_size,
+    check_local_image,
     check_text,
+    is_local,
     is_local_host,
 )
 from ._receiver import DEFAULT_MAX_BODY_SIZE, CallbackApp
@@ -160,9 +173,15 @@ class AsyncKeevx:
             [`LocalRouter`][keevx_async.LocalRouter] (this process only). With several
             worker processes behind one callback URL, a
             [`RedisRouter`][keevx_async.RedisRouter] shared by all of them.
+        max_uploads: local reference files read and uploaded at once (see `upload`).
+        max_downloads: result files downloaded at once (see `download`).
+        download_client: an ``httpx.AsyncClient`` for fetching result files (not closed
+            by us); no API header is ever added to it. Default: one of the client's own,
+            with no headers, following redirects, its pool as large as ``max_downloads``,
+            its timeouts ``timeout``'s (each phase, not the whole download).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - checks and wires each option of the API contract
         self,
         *,
         api_key: str | None = None,
@@ -183,6 +202,9 @@ class AsyncKeevx:
         early_callback_max_age: float = DEFAULT_EARLY_MAX_AGE,
         max_callback_body: int = DEFAULT_MAX_BODY_SIZE,
         router: CallbackRouter | None = None,
+        max_uploads: int = 4,
+        max_downloads: int = 8,
+        download_client: httpx.AsyncClient | None = None,
     ) -> None:
         api_key = api_key if api_key is not None else os.environ.get("KEEVX_API_KEY")
         if not api_key:
@@ -230,6 +252,7 @@ class AsyncKeevx:
                 f"router must be a CallbackRouter (LocalRouter, RedisRouter); "
                 f"got {type(router).__name__}"
             )
+        _check_file_options(max_uploads, max_downloads, download_client)
         self.router: CallbackRouter = router if router is not None else LocalRouter()
         """Where callbacks for tasks of other processes go (see ``router=``)."""
         self.max_retries = max_retries
@@ -251,6 +274,14 @@ class AsyncKeevx:
             counters=self._counters,
         )
         self._submit_url = self._engine.url(_SUBMIT_PATH)
+        self._uploader = Uploader(self._engine, max_uploads=max_uploads)
+        self._downloader = Downloader(
+            download_client or build_download_client(max_downloads, http_timeout),
+            owns_http=download_client is None,
+            max_downloads=max_downloads,
+            max_retries=max_retries,
+            max_retry_wait=self.max_retry_wait,
+        )
         self._callbacks = CallbackIntake(
             signer=CallbackSigner(
                 callback_secret if callback_secret is not None else _secret_from_env()
@@ -384,7 +415,10 @@ class AsyncKeevx:
             if self._reconciler is not None:
                 self._reconciler.close()
             self._end_unfinished_tasks()
-            await self._engine.aclose()
+            try:
+                await self._engine.aclose()
+            finally:
+                await self._downloader.aclose()
 
     def _verify_by_lookup(self, task: Task) -> None:
         """Look a task up at once: its callback could not be trusted (see the registry)."""
@@ -420,13 +454,20 @@ class AsyncKeevx:
     async def submit(self, request: ImageRequest) -> Submission:
         """Submit one request: one HTTP call, under the client's concurrency limit.
 
+        Local files among its ``reference_images`` are uploaded first, each distinct
+        content once per client (see `upload`); the body sent has URLs only, and the
+        submission, its tasks and their results keep ``request`` as given.
+
         Returns a [`Submission`][keevx_async.Submission] whose tasks resolve as their callbacks
         arrive.
 
         Raises:
             APIError: the service refused or failed (``maybe_created`` says whether
-                tasks may exist anyway).
+                tasks may exist anyway); also a refused upload (``maybe_created=False``:
+                nothing was submitted).
             TransportError: the exchange failed (``maybe_created`` likewise).
+            InvalidRequestError: a local reference file changed since the request was
+                built and no longer passes the rules.
             TypeError: ``request`` is not an [`ImageRequest`][keevx_async.ImageRequest].
         """
         if not isinstance(request, ImageRequest):
@@ -441,8 +482,11 @@ class AsyncKeevx:
                 self._checked_callback_url = callback_url
                 self._warn_unreachable(callback_url)
             submission_id, callback_url = self._callbacks.issue(callback_url)
-        body = encode_request(request, callback_url)
         try:
+            reference_urls = None
+            if any(is_local(image) for image in request.reference_images):
+                reference_urls = await self._uploader.reference_urls(request)
+            body = encode_request(request, callback_url, reference_urls)
             async with self._limiter:
                 response = await self._engine.send(
                     "POST", self._submit_url, body, retry_safe=False, paced=True, request=request
@@ -494,6 +538,7 @@ class AsyncKeevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        download_to: str | os.PathLike[str] | None = None,
     ) -> Batch:
         """A [`Batch`][keevx_async.Batch]: submit many requests while their results stream in.
 
@@ -521,12 +566,30 @@ class AsyncKeevx:
                 [`TaskTimeoutError`][keevx_async.TaskTimeoutError].
             max_pending: the most tasks submitted and not yet yielded; reading the input
                 pauses there, so a slow loop body cannot make memory grow with the input.
+            download_to: a directory (created if missing) to save every successful
+                task's image into, as ``{task_id}{ext}`` (see `download`). A task is then
+                yielded once its file is saved, with ``task.result().path`` set; a
+                download that fails yields the task with a
+                [`DownloadError`][keevx_async.DownloadError] as its error, whose
+                ``result`` keeps the image's result. Downloads run beside the submits,
+                at most ``max_downloads`` at once, and count as pending.
+
+        Raises:
+            NotADirectoryError: ``download_to`` is an existing file.
         """
         limit = (
             self.max_concurrency
             if concurrency is None
             else check_int("concurrency", concurrency, minimum=1)
         )
+        save = None
+        if download_to is not None:
+            directory = _download_directory(download_to)
+            downloader = self._downloader
+
+            async def save(result: ImageResult) -> ImageResult:
+                return await downloader.save_result(directory, result)
+
         return Batch(
             requests,
             submit=self.submit,
@@ -535,6 +598,8 @@ class AsyncKeevx:
             concurrency=limit,
             timeout=timeout,
             max_pending=max_pending,
+            save=save,
+            savers=self._downloader.max_downloads,
         )
 
     async def generate_many(
@@ -543,22 +608,143 @@ class AsyncKeevx:
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
+        download_to: str | os.PathLike[str] | None = None,
     ) -> list[list[ImageResult | KeevxError]]:
         """Submit every request and wait for all; a list in, a list out.
 
         Returns a list aligned with ``requests``: for each, the results in task order,
         with each failed task's error in its place; a request whose submit failed gives
         a one-item list holding the submission error. Never raises for a single task.
+        With ``download_to``, every image is saved there as in `batch` (each result's
+        ``path`` set; a failed download's [`DownloadError`][keevx_async.DownloadError]
+        in its result's place).
 
         Raises:
             TypeError, InvalidRequestError: an item is not a valid request. A list (any
                 sequence) is checked whole first, so then nothing was sent.
+            NotADirectoryError: ``download_to`` is an existing file.
         """
         if isinstance(requests, Sequence) and not isinstance(requests, str):
             # A list is checked whole before anything is sent (and paid for).
             requests = [as_request(item, position) for position, item in enumerate(requests)]
-        async with self.batch(requests, concurrency=concurrency, timeout=timeout) as running:
+        async with self.batch(
+            requests, concurrency=concurrency, timeout=timeout, download_to=download_to
+        ) as running:
             return await collect_aligned(running)
+
+    # --- files ------------------------------------------------------------------------
+
+    async def upload(
+        self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
+    ) -> UploadedFile:
+        """Upload a local image to the service; its URL can go into ``reference_images``.
+
+        You rarely need this: ``submit`` uploads the local files of a request by itself.
+        Each distinct content is uploaded once per client (keyed by its SHA-256), at most
+        ``max_uploads`` at once; transient failures are retried (an upload creates no
+        task, so retrying is safe).
+
+        ```python
+        uploaded = await client.upload(Path("vase.png"))
+        request = kx.ImageRequest("a vase like this one", reference_images=[uploaded.url])
+        ```
+
+        Args:
+            file: a path (``str`` or path object) of a JPG/JPEG/PNG/BMP/WebP/GIF file of
+                at most 20 MB, or the image's ``bytes``.
+            filename: the name to upload under (required for ``bytes``: its extension
+                says the type); for a path, default the file's own name. A content
+                uploaded before is not uploaded again, under whatever name.
+
+        Returns:
+            the [`UploadedFile`][keevx_async.UploadedFile] (``url``, ``file_id``,
+            ``file_name``).
+
+        Raises:
+            InvalidRequestError: the file breaks a rule (missing, not a regular file,
+                another type, empty, over 20 MB), or ``bytes`` came without a
+                ``filename``; nothing was sent.
+            APIError, TransportError: the upload failed after retries.
+        """
+        self._check_open()
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            if filename is None:
+                raise InvalidRequestError(
+                    "upload() of bytes needs filename= (e.g. filename='image.png'): its "
+                    "extension tells the service the image's type",
+                    field="filename",
+                )
+            name = _check_filename(filename)
+            content = bytes(file)
+            check_image_size(len(content), "file", name)
+            return await self._uploader.upload_bytes(content, name)
+        path: object = Path(file) if isinstance(file, str) else file
+        checked = check_local_image(path, "file")
+        name = Path(checked).name if filename is None else _check_filename(filename)
+        return await self._uploader.upload_path(checked, "file", repr(name), filename=name)
+
+    async def download(
+        self,
+        result_or_url: ImageResult | str,
+        dest: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+    ) -> Path:
+        """Download a result's file (or any file URL) and save it; the path written.
+
+        The service keeps result files for about 7 days: download what you keep.
+
+        ```python
+        image = (await client.generate(kx.ImageRequest("a red fox")))[0]
+        path = await client.download(image, "out/")  # out/i2is-....png
+        ```
+
+        The body streams into a temporary file in the target's directory, is fsynced, and
+        is renamed into place: a crash never leaves a partial file under the final name.
+        The reply must be 200 with an ``image/*`` ``Content-Type`` (``image/*`` or
+        ``video/*`` for a URL), and the bytes must match its ``Content-Length``.
+        Transient failures (connection errors, timeouts, a body cut short, 5xx, 429
+        honouring ``Retry-After``) are retried with backoff up to ``max_retries`` times;
+        at most ``max_downloads`` downloads run at once. The request goes through
+        ``download_client``, never with the API key or any header of the API's.
+
+        Args:
+            result_or_url: an [`ImageResult`][keevx_async.ImageResult], or a file's
+                absolute http(s) URL.
+            dest: a directory (an existing one, a ``str`` ending with ``/``, or a path
+                whose name has no extension; created if missing), where the file is named
+                ``{task_id}{ext}`` (for a URL: its own file name), ``ext`` from the URL,
+                else from the ``Content-Type``; or a file path (``out/fox.png``).
+            overwrite: fetch and replace an existing file; by default an existing file
+                at the target is returned without a request.
+
+        Raises:
+            DownloadError: the file could not be fetched or saved (``status_code`` says
+                the last HTTP status; a 403/404 says the URL may have expired).
+            TypeError: an argument of the wrong type.
+            InvalidRequestError: the URL is not an absolute http(s) URL.
+        """
+        self._check_open()
+        overwrite = check_bool("overwrite", overwrite)
+        _check_dest("dest", dest)
+        if isinstance(result_or_url, ImageResult):
+            return await self._downloader.download(
+                result_or_url.image_url,
+                dest,
+                stem=result_or_url.task_id,
+                kinds=IMAGE_KINDS,
+                overwrite=overwrite,
+                result=result_or_url,
+            )
+        if not isinstance(result_or_url, str):
+            raise TypeError(
+                "download() takes an ImageResult or a URL string; "
+                f"got {type(result_or_url).__name__}"
+            )
+        url = check_http_url(result_or_url, "url")
+        return await self._downloader.download(
+            url, dest, stem=None, kinds=MEDIA_KINDS, overwrite=overwrite
+        )
 
     # --- looking up -------------------------------------------------------------------
 
@@ -739,6 +925,52 @@ class AsyncKeevx:
                     "submit, then at doubling intervals",
                     self._reconciler.after_without_callback,
                 )
+
+
+def _check_file_options(
+    max_uploads: object, max_downloads: object, download_client: object
+) -> None:
+    check_int("max_uploads", max_uploads, minimum=1)
+    check_int("max_downloads", max_downloads, minimum=1)
+    if download_client is not None and not isinstance(download_client, httpx.AsyncClient):
+        raise TypeError(
+            f"download_client must be an httpx.AsyncClient; got {type(download_client).__name__}"
+        )
+
+
+def _check_filename(filename: object) -> str:
+    if not isinstance(filename, str) or not filename:
+        raise InvalidRequestError(
+            f"filename must be a non-empty string; got {filename!r}", field="filename"
+        )
+    check_text(filename, "filename")
+    check_image_name(filename, "filename")
+    return filename
+
+
+def _check_dest(name: str, dest: object) -> None:
+    if not isinstance(dest, (str, os.PathLike)) or (isinstance(dest, str) and not dest):
+        raise TypeError(
+            f"{name} must be a directory or file path (str or path object); got {dest!r}"
+        )
+
+
+def _download_directory(download_to: object) -> Path:
+    """``download_to``, checked before anything is sent, as a directory, created."""
+    _check_dest("download_to", download_to)
+    assert isinstance(download_to, (str, os.PathLike))
+    directory = Path(download_to)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(
+            f"download_to must be a directory; {os.fspath(directory)!r} is an existing file"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno, f"download_to: cannot create the directory ({exc.strerror})", str(directory)
+        ) from None
+    return directory
 
 
 def _read_task_ids(response: httpx.Response, request: ImageRequest) -> tuple[str, ...]:

@@ -10,7 +10,9 @@ The run is reproducible per ``seed`` (prompts, image counts, which requests fail
 from timing. One scripted 429 at the start shows the client-wide pause and retry, and a few
 callbacks the emulator never sends show the safety net: those tasks are looked up with the
 GET endpoint after ``RECONCILE_AFTER`` seconds. With ``callbacks=False`` (``--no-callbacks``)
-there is no receiver at all, as in a script on a laptop: every result comes by lookup.
+there is no receiver at all, as in a script on a laptop: every result comes by lookup. With
+``download`` (``--download DIR``) every image is saved into that directory as it finishes,
+fetched from the emulator's file host over loopback, and each task is reported once saved.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import random
 import sys
 import textwrap
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
 
 import anyio
@@ -33,6 +36,7 @@ from ._task import Task
 from .testing import FakeKeevx, serve_asgi
 
 if TYPE_CHECKING:
+    import os
     from collections.abc import Sequence
 
     from ._asgi import Message, Receive, Scope, Send
@@ -285,6 +289,7 @@ class _Outcome:
     submit_calls: int
     accepted_submits: int
     get_calls: int
+    saved: int = 0
 
 
 async def _run_batch(
@@ -294,6 +299,7 @@ async def _run_batch(
     concurrency: int,
     progress: _Progress,
     callbacks: bool,
+    download: Path | None = None,
 ) -> _Outcome:
     """Serve the emulator and the receiver on loopback ports, run the batch, collect."""
     out = progress.out
@@ -328,9 +334,11 @@ async def _run_batch(
                 "the service will answer the first submit with HTTP 429, "
                 f"Retry-After: {RATE_LIMIT_PAUSE:g}\n"
             )
+            if download is not None:
+                out.write(f"every image is saved into {download} as it finishes\n")
             progress.started = anyio.current_time()
             async with (
-                client.batch(batch_input, timeout=TASK_TIMEOUT) as batch,
+                client.batch(batch_input, timeout=TASK_TIMEOUT, download_to=download) as batch,
                 anyio.create_task_group() as refresher,
             ):
                 progress.batch = batch
@@ -350,10 +358,16 @@ async def _run_batch(
                 submit_calls=fake.submit_calls,
                 accepted_submits=fake.accepted_submits,
                 get_calls=fake.get_calls,
+                saved=batch.saved,
             )
 
 
-def _print_report(out: TextIO, batch_input: Sequence[ImageRequest], outcome: _Outcome) -> None:
+def _print_report(
+    out: TextIO,
+    batch_input: Sequence[ImageRequest],
+    outcome: _Outcome,
+    download: Path | None = None,
+) -> None:
     out.write("\n")
     _print_table(out, batch_input, outcome.reported)
     tasks = [task for group in outcome.reported for task in group]
@@ -367,6 +381,8 @@ def _print_report(out: TextIO, batch_input: Sequence[ImageRequest], outcome: _Ou
         f"service: {outcome.submit_calls} submit calls, {outcome.accepted_submits} accepted "
         f"({refused} refused), {outcome.get_calls} status lookups\n"
     )
+    if download is not None:
+        out.write(f"files: {outcome.saved} images saved into {download}\n")
     fields = ", ".join(f"{name}={value}" for name, value in outcome.stats.items())
     wrapped = textwrap.fill(
         fields, width=100, initial_indent="client stats: ", subsequent_indent="  "
@@ -382,6 +398,7 @@ async def run_demo(
     file: TextIO | None = None,
     live: bool | None = None,
     callbacks: bool = True,
+    download: str | os.PathLike[str] | None = None,
 ) -> int:
     """Run the demo: a seeded batch against a loopback FakeKeevx; returns the exit code.
 
@@ -395,6 +412,8 @@ async def run_demo(
         live: redraw one status line in place; default: whether ``file`` is a terminal.
         callbacks: receive callbacks on a loopback port; ``False`` runs with no callback
             URL, every result coming from status lookups.
+        download: a directory to save every image into (created if missing), fetched from
+            the emulator's file host as each task finishes.
 
     Returns:
         0 when every request's fate was reported (failed tasks are part of the show),
@@ -402,6 +421,7 @@ async def run_demo(
 
     Raises:
         ValueError: ``requests`` or ``concurrency`` is below 1.
+        NotADirectoryError: ``download`` is an existing file.
     """
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be >= 1")
@@ -434,9 +454,10 @@ async def run_demo(
             concurrency=concurrency,
             progress=progress,
             callbacks=callbacks,
+            download=None if download is None else Path(download),
         )
     finally:
         sdk_logger.removeHandler(events)
         sdk_logger.propagate = propagate
-    _print_report(out, batch_input, outcome)
+    _print_report(out, batch_input, outcome, None if download is None else Path(download))
     return _verdict(out, batch_input, outcome.reported)

@@ -15,7 +15,8 @@ KeevxError
 ├── CallbackError                (also a ValueError) a callback body is malformed
 │   └── CallbackAuthError        a callback without a valid token for its task
 ├── RouterError                  (also a ConnectionError) the callback router's store failed
-└── UnknownTaskError             (also a LookupError) ``client.task()`` of a task nobody knows
+├── UnknownTaskError             (also a LookupError) ``client.task()`` of a task nobody knows
+└── DownloadError                a result file could not be downloaded and saved
 ```
 
 Errors raised by ``submit`` carry ``maybe_created``: ``True`` when the service may have
@@ -30,13 +31,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import httpx
 
-    from ._models import ImageRequest
+    from ._models import ImageRequest, ImageResult
 
 __all__ = [
     "APIError",
     "AuthenticationError",
     "CallbackAuthError",
     "CallbackError",
+    "DownloadError",
     "InvalidRequestError",
     "KeevxError",
     "RateLimitError",
@@ -290,3 +292,32 @@ class UnknownTaskError(KeevxError, LookupError):
             f"task {task_id} is not waited for here and the router has no record of it: "
             "pass request= to attach to it anyway"
         )
+
+
+class DownloadError(KeevxError):
+    """A result file could not be downloaded and saved; nothing was left under its name.
+
+    Raised by [`AsyncKeevx.download`][keevx_async.AsyncKeevx.download] once retries
+    are spent (or at once for what a retry cannot mend: a 403/404, a wrong
+    ``Content-Type``, a file that cannot be written). In a batch with ``download_to=``,
+    it is the error of the task whose file failed, and ``result`` keeps the task's
+    [`ImageResult`][keevx_async.ImageResult], so the image URL is not lost.
+
+    Attributes:
+        url: the URL that was fetched.
+        status_code: the HTTP status of the last reply, ``None`` when none came.
+        result: the result whose file this was, when there was one.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status_code: int | None = None,
+        result: ImageResult | None = None,
+    ) -> None:
+        self.url = url
+        self.status_code = status_code
+        self.result = result
+        super().__init__(message)

@@ -264,8 +264,11 @@ class HTTPEngine:
         paced: bool,
         request: ImageRequest | None = None,
         task_id: str | None = None,
+        content_type: str | None = None,
     ) -> httpx.Response:
         """One logical call under the retry policy; returns the final 2xx response.
+
+        ``content_type`` replaces the JSON one (an upload's multipart body).
 
         Raises:
             APIError: an error status (its subclass by status), or a ``Retry-After``
@@ -275,16 +278,19 @@ class HTTPEngine:
             Both carry ``maybe_created`` as the policy decided it.
         """
         attempt = 0
+        headers = self._headers
+        if content_type is not None:
+            headers = {**headers, "Content-Type": content_type}
         while True:
             self._check_pause(request, task_id)
             await self._throttle.before_attempt(paced=paced)
             try:
                 if self._deadline is None:
                     response = await self.http.request(
-                        method, url, content=content, headers=self._headers, timeout=self._timeout
+                        method, url, content=content, headers=headers, timeout=self._timeout
                     )
                 else:
-                    response = await self._bounded_attempt(method, url, content)
+                    response = await self._bounded_attempt(method, url, content, headers)
             except anyio.get_cancelled_exc_class():
                 if not retry_safe:
                     # Not an error of ours to raise, but the caller cannot see it otherwise.
@@ -354,7 +360,7 @@ class HTTPEngine:
             )  # fmt: skip
 
     async def _bounded_attempt(
-        self, method: str, url: str, content: bytes | None
+        self, method: str, url: str, content: bytes | None, headers: dict[str, str]
     ) -> httpx.Response:
         """One attempt within ``_deadline`` seconds, reply body included (httpx bounds
         each phase and each read, not the whole: a trickled reply would never time out)."""
@@ -363,7 +369,7 @@ class HTTPEngine:
         with anyio.move_on_after(deadline) as scope:
             try:
                 return await self.http.request(
-                    method, url, content=content, headers=self._headers, timeout=self._timeout
+                    method, url, content=content, headers=headers, timeout=self._timeout
                 )
             finally:
                 if _keeps_deadline(self.http):  # known once the first request chose it

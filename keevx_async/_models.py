@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
+import stat
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,6 +26,7 @@ from ._types import (
     IMAGE_QUALITIES,
     IMAGE_RATIOS,
     MAX_GENERATE_COUNT,
+    MAX_IMAGE_BYTES,
     MAX_PROMPT_LENGTH,
     MAX_REFERENCE_IMAGES,
     MODULES,
@@ -38,11 +42,19 @@ __all__ = [
     "CallbackPayload",
     "ImageRequest",
     "ImageResult",
+    "ReferenceImage",
     "TaskSnapshot",
+    "UploadedFile",
+    "check_local_image",
     "is_finished",
+    "is_local",
+    "local_name",
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+ReferenceImage = str | os.PathLike[str]
+"""A reference image: an absolute http(s) URL string, or a local file (a path object)."""
 
 
 def is_finished(status: str) -> bool:
@@ -172,11 +184,88 @@ def check_http_url(value: object, field: str) -> str:
     return value
 
 
-def _to_reference_images(value: object) -> tuple[str, ...]:
-    # A bare string is iterable too; refusing it avoids five one-letter "URLs".
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+def is_local(image: object) -> bool:
+    """Whether a reference image is a local file (a path object; a ``str`` is a URL)."""
+    return not isinstance(image, str)
+
+
+def local_name(path: os.PathLike[Any]) -> str:
+    """The file name of a path object, as a ``str`` (bytes paths decoded)."""
+    name = os.fspath(path)
+    return os.fsdecode(name) if isinstance(name, bytes) else name
+
+
+def _extension_error(field: str, extension: str, where: str) -> InvalidRequestError:
+    allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
+    got = f".{extension}" if extension else "no extension"
+    return InvalidRequestError(
+        f"{field} must be an image of type {allowed}; got {got} in {where!r}", field=field
+    )
+
+
+def check_image_name(name: str, field: str) -> None:
+    """Raise naming ``field`` unless the file name ``name`` has an allowed image extension."""
+    stem, dot, extension = name.rpartition(".")
+    extension = extension.lower() if dot and stem else ""
+    if extension not in IMAGE_EXTENSIONS:
+        raise _extension_error(field, extension, name)
+
+
+def check_image_size(size: int, field: str, name: str) -> None:
+    """Raise naming ``field`` unless ``size`` bytes is 1..20 MB (what the service takes)."""
+    if size == 0:
+        raise InvalidRequestError(f"{field} is an empty file: {name!r}", field=field)
+    if size > MAX_IMAGE_BYTES:
         raise InvalidRequestError(
-            f"reference_images must be a list of URL strings; got {type(value).__name__}",
+            f"{field} is {size / 2**20:.1f} MB, more than the service's "
+            f"{MAX_IMAGE_BYTES // 2**20} MB: {name!r}",
+            field=field,
+        )
+
+
+def check_local_image(path: object, field: str) -> str:
+    """Check a local reference image; return its file name (``str``) for messages.
+
+    It must be a path object (``os.PathLike``) of an existing regular file with an allowed
+    extension, of at most 20 MB; each broken rule raises
+    [`InvalidRequestError`][keevx_async.InvalidRequestError] naming ``field``. Its
+    content is read later, when it is uploaded.
+    """
+    if not isinstance(path, os.PathLike):
+        raise InvalidRequestError(
+            f"{field} must be a URL string or a local file (a pathlib.Path); "
+            f"got {type(path).__name__}",
+            field=field,
+        )
+    try:
+        name = local_name(path)
+    except TypeError as exc:  # a __fspath__ returning something else than str or bytes
+        raise InvalidRequestError(f"{field} is not a usable path: {exc}", field=field) from None
+    check_text(name, field)
+    check_image_name(Path(name).name, field)
+    try:
+        status = Path(name).stat()
+    except FileNotFoundError:
+        raise InvalidRequestError(f"{field}: no such file: {name!r}", field=field) from None
+    except OSError as exc:
+        raise InvalidRequestError(
+            f"{field}: cannot read {name!r}: {exc.strerror or exc}", field=field
+        ) from None
+    if not stat.S_ISREG(status.st_mode):
+        raise InvalidRequestError(
+            f"{field} is not a regular file (a directory?): {name!r}", field=field
+        )
+    check_image_size(status.st_size, field, name)
+    return name
+
+
+def _to_reference_images(value: object) -> tuple[ReferenceImage, ...]:
+    # A bare string is iterable too; refusing it avoids five one-letter "URLs". A single
+    # path object is refused likewise (a pathlib.Path is not iterable, but say why).
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Iterable):
+        raise InvalidRequestError(
+            "reference_images must be a list of URL strings or local paths; "
+            f"got {type(value).__name__}",
             field="reference_images",
         )
     return tuple(value)
@@ -186,22 +275,21 @@ def _check_reference_images(_: object, attribute: attrs.Attribute[Any], value: o
     assert isinstance(value, tuple)  # the converter guarantees it
     if len(value) > MAX_REFERENCE_IMAGES:
         raise InvalidRequestError(
-            f"reference_images takes at most {MAX_REFERENCE_IMAGES} URLs; got {len(value)} "
+            f"reference_images takes at most {MAX_REFERENCE_IMAGES} images; got {len(value)} "
             "(the service would silently drop the rest)",
             field="reference_images",
         )
-    for position, url in enumerate(value):
+    for position, image in enumerate(value):
         field = f"reference_images[{position}]"
-        check_http_url(url, field)
-        last_segment = urlsplit(url).path.rsplit("/", 1)[-1]
+        if is_local(image):
+            check_local_image(image, field)
+            continue
+        check_http_url(image, field)
+        last_segment = urlsplit(image).path.rsplit("/", 1)[-1]
         if "." in last_segment:
             extension = last_segment.rsplit(".", 1)[-1].lower()
             if extension not in IMAGE_EXTENSIONS:
-                allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
-                raise InvalidRequestError(
-                    f"{field} must be an image of type {allowed}; got .{extension} in {url!r}",
-                    field=field,
-                )
+                raise _extension_error(field, extension, image)
 
 
 def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -221,8 +309,13 @@ class ImageRequest:
 
     Args:
         prompt: what to draw, 1..1000 characters.
-        reference_images: at most 5 absolute http(s) URLs of JPG/JPEG/PNG/BMP/WebP/GIF
-            images (a URL without a file extension is allowed).
+        reference_images: at most 5 JPG/JPEG/PNG/BMP/WebP/GIF images, each an absolute
+            http(s) URL string (a URL without a file extension is allowed) or a local
+            file as a path object (``pathlib.Path``; a ``str`` is always a URL). A local
+            file must exist, be a regular file and be at most 20 MB, checked here; the
+            client uploads it when the request is submitted (see
+            [`AsyncKeevx.upload`][keevx_async.AsyncKeevx.upload]), and the request keeps
+            the path as given.
         module: ``"std"`` or ``"pro"``.
         generate_count: how many images, 1..8; each image becomes its own task.
         image_quality: ``"1K"``, ``"2K"`` or ``"4K"``.
@@ -239,7 +332,7 @@ generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None)
     """
 
     prompt: str = attrs.field(validator=_check_prompt)
-    reference_images: tuple[str, ...] = attrs.field(
+    reference_images: tuple[ReferenceImage, ...] = attrs.field(
         default=(), kw_only=True, converter=_to_reference_images, validator=_check_reference_images
     )
     module: Module = attrs.field(default="std", kw_only=True, validator=_one_of(MODULES))
@@ -260,7 +353,10 @@ class ImageResult:
     """A finished, successful task: the image and where it came from.
 
     ``raw`` is the callback's ``data`` object as received, extra fields included. The
-    service keeps ``image_url`` for about 7 days: download what you want to keep.
+    service keeps ``image_url`` for about 7 days: download what you want to keep
+    ([`AsyncKeevx.download`][keevx_async.AsyncKeevx.download], or ``download_to=`` of a
+    batch). ``path`` is the local file it was saved to by a batch's ``download_to``,
+    ``None`` unless downloaded.
     """
 
     task_id: str
@@ -272,6 +368,7 @@ class ImageResult:
     raw: Mapping[str, Any] = attrs.field(
         default=_EMPTY, converter=_frozen_mapping, eq=False, repr=False
     )
+    path: Path | None = None
 
 
 (
@@ -282,6 +379,7 @@ class ImageResult:
     _r_status,
     _r_task_type,
     _r_raw,
+    _r_path,
 ) = _slot_setters(ImageResult)
 
 
@@ -305,7 +403,25 @@ def make_image_result(  # noqa: PLR0917 (positional, in field order: see the cla
     _r_status(result, status)
     _r_task_type(result, task_type)
     _r_raw(result, raw)
+    _r_path(result, None)
     return result
+
+
+@attrs.frozen
+class UploadedFile:
+    """A file the service stores for you (see
+    [`AsyncKeevx.upload`][keevx_async.AsyncKeevx.upload]): put ``url`` in
+    ``reference_images``.
+
+    Attributes:
+        url: where the service keeps the file.
+        file_id: the service's ID of the file.
+        file_name: the name the service gave it.
+    """
+
+    url: str
+    file_id: str
+    file_name: str
 
 
 @attrs.frozen

@@ -46,6 +46,7 @@ from ._registry import DEFAULT_EARLY_MAX_AGE, DEFAULT_MAX_EARLY
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
     from contextlib import AbstractAsyncContextManager, AbstractContextManager
+    from pathlib import Path
     from types import TracebackType
 
     import httpx
@@ -53,7 +54,7 @@ if TYPE_CHECKING:
 
     from ._batch import Batch
     from ._exceptions import KeevxError
-    from ._models import CallbackOutcome, ImageResult, TaskSnapshot
+    from ._models import CallbackOutcome, ImageResult, TaskSnapshot, UploadedFile
     from ._router import CallbackRouter
     from ._server import CallbackServer
     from ._stats import ClientStats
@@ -130,14 +131,15 @@ class _Runner:
         self,
         backend: str,
         make_client: Callable[[], AsyncKeevx],
-        http_client: httpx.AsyncClient | None,
+        injected: Sequence[httpx.AsyncClient | None],
     ) -> None:
         self.closed = False
         self._stopped = False
         self._close_lock = threading.Lock()
         # A forked child has a copy of this object but not the thread: see `start`.
         self._pid = os.getpid()
-        self._http_client = http_client
+        # The caller's HTTP clients (http_client, download_client): closed with the loop.
+        self._injected = [http for http in injected if http is not None]
         self._portal, self._thread = _start_loop_thread(backend)
         self._loop_thread_id = self._thread.ident
         try:
@@ -238,9 +240,9 @@ class _Runner:
             try:
                 # Every unfinished task ends with ClientClosedError: its waiters wake.
                 self._entered.leave(_NO_EXC, timeout)
-                if self._http_client is not None:
+                for http in self._injected:
                     # Its connections belong to this loop: nobody else can close them.
-                    self.start(self._http_client.aclose, when_closed=True).result(timeout)
+                    self.start(http.aclose, when_closed=True).result(timeout)
             except concurrent.futures.TimeoutError:  # pragma: no cover - at exit, a hung close
                 logger.warning("a Keevx client did not close within %s s", timeout)
             finally:
@@ -660,6 +662,11 @@ class Keevx:
             [`LocalRouter`][keevx_async.LocalRouter] (this process only). With several
             worker processes behind one callback URL, a
             [`RedisRouter`][keevx_async.RedisRouter] shared by all of them.
+        max_uploads: local reference files read and uploaded at once (see `upload`).
+        max_downloads: result files downloaded at once (see `download`).
+        download_client: an ``httpx.AsyncClient`` for fetching result files; no API
+            header is ever added to it. Like ``http_client`` it runs on the client's own
+            event loop, and `close` closes it. Default: one of the client's own.
         backend: the event loop of the client's thread: ``"asyncio"`` or ``"trio"``.
 
     Raises:
@@ -689,6 +696,9 @@ class Keevx:
         early_callback_max_age: float = DEFAULT_EARLY_MAX_AGE,
         max_callback_body: int = DEFAULT_MAX_BODY_SIZE,
         router: CallbackRouter | None = None,
+        max_uploads: int = 4,
+        max_downloads: int = 8,
+        download_client: httpx.AsyncClient | None = None,
         backend: Backend = "asyncio",
     ) -> None:
         if backend not in ("asyncio", "trio"):
@@ -718,10 +728,13 @@ class Keevx:
             early_callback_max_age=early_callback_max_age,
             max_callback_body=max_callback_body,
             router=router,
+            max_uploads=max_uploads,
+            max_downloads=max_downloads,
+            download_client=download_client,
         )
         self.backend: Backend = backend
         """The event loop of the client's thread."""
-        self._runner = _Runner(backend, make_client, http_client)
+        self._runner = _Runner(backend, make_client, (http_client, download_client))
         self._async = self._runner.client
         self._finalizer = weakref.finalize(self, self._runner.close_forgotten)
 
@@ -817,6 +830,7 @@ class Keevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
+        download_to: str | os.PathLike[str] | None = None,
     ) -> SyncBatch:
         """A [`SyncBatch`][keevx_async.SyncBatch]: submit many requests while their
         results stream in.
@@ -847,6 +861,9 @@ class Keevx:
                 [`TaskTimeoutError`][keevx_async.TaskTimeoutError].
             max_pending: the most tasks submitted and not yet yielded; reading the input
                 pauses there, so a slow loop body cannot make memory grow with the input.
+            download_to: a directory: each successful task is yielded once its file is
+                saved there (``task.result().path``); a failed download yields the task
+                with its [`DownloadError`][keevx_async.DownloadError].
         """
         running = self._runner.run_sync(
             functools.partial(
@@ -855,6 +872,7 @@ class Keevx:
                 concurrency=concurrency,
                 timeout=timeout,
                 max_pending=max_pending,
+                download_to=download_to,
             )
         )
         return SyncBatch(running, self)
@@ -865,13 +883,15 @@ class Keevx:
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
+        download_to: str | os.PathLike[str] | None = None,
     ) -> list[list[ImageResult | KeevxError]]:
         """Submit every request and wait for all; a list in, a list out.
 
         Returns a list aligned with ``requests``: for each, the results in task order,
         with each failed task's error in its place; a request whose submit failed gives
         a one-item list holding the submission error. Never raises for a single task.
-        ``requests`` is read as by `batch`.
+        ``requests`` is read as by `batch`; with ``download_to``, each result is saved
+        there first (``result.path``), as by `batch`.
 
         Raises:
             TypeError, InvalidRequestError: an item is not a valid request. A list (any
@@ -883,7 +903,48 @@ class Keevx:
                 _readable_on_loop(requests),
                 concurrency=concurrency,
                 timeout=timeout,
+                download_to=download_to,
             )
+        )
+
+    # --- files ------------------------------------------------------------------------
+
+    def upload(
+        self, file: str | os.PathLike[str] | bytes, *, filename: str | None = None
+    ) -> UploadedFile:
+        """Upload a local image and return its URL, as
+        [`AsyncKeevx.upload`][keevx_async.AsyncKeevx.upload] does (``submit`` uploads
+        the local files of a request by itself).
+
+        Raises:
+            InvalidRequestError: not an image the service takes (type, size), or
+                ``bytes`` without ``filename``.
+            APIError, TransportError: the upload failed after retries.
+        """
+        return self._runner.run(functools.partial(self._async.upload, file, filename=filename))
+
+    def download(
+        self,
+        result_or_url: ImageResult | str,
+        dest: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+    ) -> Path:
+        """Save a result file under ``dest`` (a directory or a file path) and return its
+        path, as [`AsyncKeevx.download`][keevx_async.AsyncKeevx.download] does: streamed
+        to a temporary file, checked, renamed into place; never with the API key.
+
+        ```python
+        [image] = client.generate(kx.ImageRequest("a red fox"))
+        path = client.download(image, "out/")  # out/<task_id>.png
+        ```
+
+        Raises:
+            DownloadError: the file could not be fetched (``status_code``; a 403/404
+                says the URL may have expired).
+        """
+        return self._runner.run(
+            functools.partial(self._async.download, result_or_url, dest, overwrite=overwrite)
         )
 
     # --- looking up -------------------------------------------------------------------

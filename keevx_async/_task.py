@@ -226,6 +226,14 @@ class Task:
             self._sink = None
             sink.task_done(self)
 
+    def _settle_file(self, result: ImageResult | None, error: KeevxError | None) -> None:
+        """Replace a finished task's outcome by its saved file's: the result with its
+        ``path``, or the error that kept it from being saved (a batch's ``download_to``).
+        Its waiters were woken when it finished; nothing is told again."""
+        self._result = result
+        self._error = error
+        self._error_tb = None if error is None else error.__traceback__
+
     def _apply(self, payload: CallbackPayload) -> None:
         """Finish the task from a finished callback or snapshot (first one wins)."""
         status = self.status = payload.status

@@ -10,7 +10,7 @@ every field as received in ``raw``.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -22,6 +22,7 @@ from ._models import (
     CallbackPayload,
     ImageRequest,
     TaskSnapshot,
+    UploadedFile,
     make_callback_payload,
     unencodable_at,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "decode_request",
     "decode_snapshot",
     "decode_task_ids",
+    "decode_upload_reply",
     "encode_request",
     "load_json",
 ]
@@ -93,6 +95,41 @@ class _TaskData:
 
 
 @attrs.frozen
+class UploadEnvelope:
+    """The upload endpoint's own frame: ``{"code", "success", "message", "result"}``.
+
+    ``message`` is the service's explanation, read as text (it comes as
+    ``{"global": "..."}``); ``ok`` says whether the reply is a success.
+    """
+
+    code: int | None
+    success: bool | None
+    message: str
+    result: Any
+
+    @property
+    def ok(self) -> bool:
+        """Neither ``success`` false nor a ``code`` other than 0."""
+        return self.success is not False and (self.code is None or self.code == 0)
+
+
+@attrs.frozen
+class _UploadFrame:
+    code: int | None = None
+    success: bool | None = None
+    message: Any = None
+    result: Any = None
+
+
+@attrs.frozen
+class _UploadResult:
+    url: str
+    file_id: str
+    # Passed on, never relied upon: read leniently.
+    file_name: Any = None
+
+
+@attrs.frozen
 class _CallbackBody:
     data: _TaskData
     # Passed on, never relied upon: read leniently.
@@ -114,6 +151,12 @@ def _strict_str(value: object, _: object) -> str:
     return value
 
 
+def _strict_bool(value: object, _: object) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"expected true or false, got {type(value).__name__}")
+    return value
+
+
 def _strict_int(value: object, _: object) -> int:
     if type(value) is not int:
         raise TypeError(f"expected an integer, got {type(value).__name__}")
@@ -124,8 +167,18 @@ def _build_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=False)
     conv.register_structure_hook(str, _strict_str)
     conv.register_structure_hook(int, _strict_int)
-    for cls in (Envelope, _SubmitData, _TaskData, _CallbackBody):
+    conv.register_structure_hook(bool, _strict_bool)
+    for cls in (Envelope, _SubmitData, _TaskData, _CallbackBody, _UploadFrame):
         conv.register_structure_hook(cls, make_dict_structure_fn(cls, conv))
+    conv.register_structure_hook(
+        _UploadResult,
+        make_dict_structure_fn(
+            _UploadResult,
+            conv,
+            file_id=override(rename="fileId"),
+            file_name=override(rename="fileName"),
+        ),
+    )
     # The request body: tuples go out as lists; callback_url only when there is one.
     conv.register_unstructure_hook(
         ImageRequest,
@@ -260,15 +313,24 @@ def _require_object(value: object, what: str, field: str | None = None) -> Mappi
 # --- requests ----------------------------------------------------------------------------
 
 
-def encode_request(request: ImageRequest, callback_url: str | None) -> bytes:
+def encode_request(
+    request: ImageRequest,
+    callback_url: str | None,
+    reference_urls: Sequence[str] | None = None,
+) -> bytes:
     """The JSON body of a submit; ``callback_url`` (already carrying its token) wins.
+
+    ``reference_urls`` replaces the request's ``reference_images`` when some of them are
+    local files: the same images, each local one by the URL it was uploaded to. The body
+    never carries a path.
 
     Built field by field (what the converter's unstructure hook gives, pinned by a test):
     it runs once per submit, at fan-out rates.
     """
+    images = request.reference_images if reference_urls is None else reference_urls
     body: dict[str, Any] = {
         "prompt": request.prompt,
-        "reference_images": list(request.reference_images),
+        "reference_images": list(images),
         "module": request.module,
         "generate_count": request.generate_count,
         "image_quality": request.image_quality,
@@ -350,6 +412,47 @@ def decode_snapshot(data: object) -> TaskSnapshot:
         thumbnail_url=_text(task.thumbnail_url),
         error_message=_text(task.error_message),
         raw=value,
+    )
+
+
+# --- uploads -----------------------------------------------------------------------------
+
+
+def _message_text(message: object) -> str:
+    """The upload reply's ``message``: ``{"global": text}`` as the service sends it, a
+    plain string, or anything else as JSON text."""
+    if isinstance(message, Mapping) and isinstance(message.get("global"), str):
+        return str(message["global"])
+    return _text(message)
+
+
+def decode_upload_envelope(body: bytes | str) -> UploadEnvelope:
+    """Read the upload endpoint's frame (its envelope differs from the other endpoints')."""
+    value = _require_object(load_json(body, "upload reply"), "upload reply")
+    frame: _UploadFrame = _structure(value, _UploadFrame, "upload reply")
+    if frame.code is None and frame.success is None:
+        raise WireFormatError("upload reply has neither 'code' nor 'success'")
+    return UploadEnvelope(frame.code, frame.success, _message_text(frame.message), frame.result)
+
+
+def decode_upload_reply(result: object) -> UploadedFile:
+    """The [`UploadedFile`][keevx_async.UploadedFile] of a successful upload reply's
+    ``result``."""
+    value = _require_object(result, "upload reply", "result")
+    try:
+        uploaded: _UploadResult = _structure(value, _UploadResult, "upload reply", "result.")
+    except WireFormatError as exc:
+        # Named as the service spells it, not as the attribute is called.
+        field = exc.field and exc.field.replace("file_id", "fileId")
+        message = str(exc).replace("file_id", "fileId")
+        raise WireFormatError(message, field=field) from None
+    for field, text in (("url", uploaded.url), ("fileId", uploaded.file_id)):
+        if not text:
+            raise WireFormatError(
+                f"upload reply field 'result.{field}' is empty", field=f"result.{field}"
+            )
+    return UploadedFile(
+        url=uploaded.url, file_id=uploaded.file_id, file_name=_text(uploaded.file_name)
     )
 
 

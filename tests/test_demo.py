@@ -6,6 +6,7 @@ import io
 import re
 import subprocess
 import sys
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -21,6 +22,9 @@ from keevx_async._demo import (
     build_requests,
     run_demo,
 )
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 SUMMARY = re.compile(r"^(\d+) requests, (\d+) tasks: (\d+) succeeded, (\d+) failed in \d+\.\d\d s$")
 TABLE_ROW = re.compile(r"^\s*(\d+)\s{2}.*\s(i2is-[0-9a-f]{7}\.\.\.)\s")
@@ -88,6 +92,20 @@ def test_demo_without_callbacks_gets_every_result_by_lookup() -> None:
     assert "no callback URL" in output
     assert f"resolved_by_callback=0, resolved_by_lookup={tasks}," in output
     assert _request_numbers(output) == list(range(1, 11))
+
+
+def test_demo_with_download_saves_every_image_as_a_real_png(tmp_path: Path) -> None:
+    out = tmp_path / "images"
+    completed = _run_module("demo", "--requests", "8", "--seed", "5", "--download", str(out))
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    _, _, succeeded, _ = _summary(completed.stdout)
+    assert f"files: {succeeded} images saved into {out}" in completed.stdout
+    saved = sorted(out.iterdir())
+    assert len(saved) == succeeded > 0
+    for path in saved:
+        assert path.name.startswith("i2is-")
+        assert path.suffix == ".png"
+        assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_module_without_a_command_prints_help_and_exits_2() -> None:

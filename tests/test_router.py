@@ -111,7 +111,7 @@ def hash_of(redis: Any, key: str) -> dict[bytes, bytes]:
 
 
 def image_of(task_id: str) -> str:
-    return f"https://images.fake.keevx.test/{task_id}.png"
+    return f"https://api.fake.keevx.test/files/{task_id}.png"
 
 
 def assert_own_results(

@@ -155,7 +155,7 @@ def check_results(
         assert isinstance(result, kx.ImageResult), f"{prompt}: {result!r}"
         assert result.request.prompt == prompt
         assert fake.tasks[result.task_id].prompt == prompt
-        assert result.image_url == f"{fake.image_base_url}/{result.task_id}.png"
+        assert result.image_url == fake.tasks[result.task_id].image_url
         task_ids.add(result.task_id)
     assert task_ids == set(fake.tasks)
 
@@ -397,7 +397,7 @@ async def test_owner_killed_results_wait_for_a_new_process(
         assert result.task_id == task_id
         assert result.request.prompt == f"p{number}"  # the request the killed owner recorded
         assert fake.tasks[task_id].prompt == f"p{number}"
-        assert result.image_url == f"{fake.image_base_url}/{task_id}.png"
+        assert result.image_url == fake.tasks[task_id].image_url
     assert fresh_stats.lookups == 0
     check_keys_expire(redis_prefix)
 

@@ -19,9 +19,11 @@ import pytest
 from wiring import API_KEY, callback_body, fake_in_thread, ok_reply
 
 import keevx_async as kx
+from keevx_async.testing._file_host import png_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from anyio.from_thread import BlockingPortal
 
@@ -636,7 +638,7 @@ def _documented_args(cls: type) -> dict[str, str]:
 
 
 #: Options documented differently, on purpose: what the sync client does with them.
-DIFFERENTLY_DOCUMENTED = {"http_client", "reconcile_after"}
+DIFFERENTLY_DOCUMENTED = {"http_client", "reconcile_after", "download_client"}
 
 
 def test_the_options_are_documented_as_for_the_async_client() -> None:
@@ -665,3 +667,33 @@ def test_every_public_method_of_the_async_client_has_a_sync_twin() -> None:
         assert [(p.name, p.kind, p.default) for p in sync_parameters] == [
             (p.name, p.kind, p.default) for p in async_parameters
         ], name
+
+
+def test_files_in_and_out_without_await(
+    backend: Backend, tmp_path: Path, served: tuple[FakeKeevx, BlockingPortal]
+) -> None:
+    """A local reference image is uploaded at submit, results are saved by a batch and
+    by download(), through the fake's file host, with no await."""
+    fake, _ = served
+    reference = tmp_path / "vase.png"
+    reference.write_bytes(png_bytes("vase"))
+    out = tmp_path / "out"
+    with kx.Keevx(
+        api_key=API_KEY, base_url=fake.base_url, reconcile_after=0.2, backend=backend
+    ) as client:
+        uploaded = client.upload(reference)
+        assert uploaded.url.startswith(fake.base_url)
+        assert len(fake.uploads) == 1
+        request = kx.ImageRequest("a vase like this one", reference_images=[reference])
+        with client.batch([request, "a plain cat"], download_to=out) as batch:
+            saved = [task.result() for task in batch]
+        assert sorted(r.request.prompt for r in saved) == ["a plain cat", "a vase like this one"]
+        for result in saved:
+            assert result.path == out / f"{result.task_id}.png"
+            assert result.path.read_bytes().startswith(b"\x89PNG")
+        again = client.download(saved[0], tmp_path / "copy.png")
+        assert again.read_bytes() == (out / f"{saved[0].task_id}.png").read_bytes()
+        [[one]] = client.generate_many(["a heron"], download_to=out)
+        assert isinstance(one, kx.ImageResult)
+        assert one.path is not None
+        assert one.path.exists()

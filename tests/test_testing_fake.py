@@ -485,7 +485,7 @@ async def test_callbacks_go_to_the_callback_url_exactly_as_given() -> None:
         "data": {
             "task_id": ids[0],
             "status": "SUCCEEDED",
-            "image_url": f"https://images.fake.keevx.test/{ids[0]}.png",
+            "image_url": f"{fake.base_url}/files/{ids[0]}.png",
             "error_message": "",
         },
     }

@@ -14,7 +14,7 @@ from anyio.abc import SocketAttribute, SocketListener
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from keevx_async.testing import LoopbackServer, serve_asgi
-from keevx_async.testing._http_server import _Server
+from keevx_async.testing._http_server import MAX_BODY_BYTES, STREAM_RESPONSE, _Server
 
 if TYPE_CHECKING:
     from anyio.abc import SocketStream
@@ -239,7 +239,7 @@ async def test_chunked_request_bodies_are_read_whole() -> None:
 
 async def test_a_chunked_body_over_the_limit_gets_413() -> None:
     app = Recorder()
-    size = 16 * 1024 * 1024 + 1
+    size = MAX_BODY_BYTES + 1
     async with serve_asgi(app) as server:
         response, closed = await exchange(
             server.port,
@@ -511,3 +511,117 @@ async def test_many_concurrent_clients() -> None:
             for index in range(40):
                 tg.start_soon(one, index)
     assert sorted(int(body) for body in app.bodies) == list(range(40))
+
+
+# --- streamed responses (STREAM_RESPONSE) ---------------------------------------------------
+
+
+class StreamingApp:
+    """Streams ``parts``; waits for ``go`` before the second part; optionally declares a
+    Content-Length and leaves the body incomplete (``cut``) or raises midway."""
+
+    def __init__(
+        self, parts: list[bytes], *, length: int | None = None, ending: str = "complete"
+    ) -> None:
+        self.parts = parts
+        self.length = length
+        self.ending = ending
+        self.go = anyio.Event()
+        self.first_sent = anyio.Event()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        headers = [(b"content-type", b"image/png"), (b"connection", b"upgrade")]
+        if self.length is not None:
+            headers.append((b"content-length", b"%d" % self.length))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": headers,
+                STREAM_RESPONSE: True,
+            }
+        )
+        for index, part in enumerate(self.parts):
+            if index == 1:
+                await self.go.wait()
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+            self.first_sent.set()
+        if self.ending == "raise":
+            raise RuntimeError("the app broke mid-body")
+        if self.ending == "complete":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+@pytest.mark.parametrize("length", [None, 6])
+async def test_a_streamed_body_reaches_the_client_before_it_is_complete(
+    length: int | None,
+) -> None:
+    app = StreamingApp([b"abc", b"def"], length=length)
+    async with serve_asgi(app) as server, httpx.AsyncClient(trust_env=False) as http:
+        async with http.stream("GET", server.url) as response:
+            chunks = response.aiter_raw()
+            assert await anext(chunks) == b"abc"  # while the app still waits to go on
+            app.go.set()
+            rest = b"".join([chunk async for chunk in chunks])
+        # The app's Content-Length, else chunked; the server's own Connection header.
+        framing = response.headers.get("content-length") or response.headers["transfer-encoding"]
+        assert framing == ("6" if length else "chunked")
+        assert response.headers["connection"] == "keep-alive"
+        # The connection is kept alive for the next request.
+        app.go = anyio.Event()
+        app.go.set()
+        again = await http.get(server.url)
+    assert rest == b"def"
+    assert again.content == b"abcdef"
+
+
+@pytest.mark.parametrize("ending", ["short", "raise", "return"])
+async def test_a_streamed_body_left_incomplete_is_cut_short(
+    ending: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = StreamingApp([b"abc", b"def"], length=100, ending=ending)
+    app.go.set()
+    if ending == "short":  # says it is complete, with 6 bytes of 100
+        app.ending = "complete"
+    elif ending == "return":  # returns without saying so
+        app.ending = "stop"
+    async with serve_asgi(app) as server, httpx.AsyncClient(trust_env=False) as http:
+        with pytest.raises(httpx.RemoteProtocolError, match=r"incomplete|complete message"):
+            await http.get(server.url)
+        # The server goes on serving new connections.
+        with pytest.raises(httpx.RemoteProtocolError):
+            await http.get(server.url)
+    if ending == "raise":
+        assert "raised while streaming" in caplog.text
+
+
+async def test_a_streamed_head_response_sends_no_body() -> None:
+    app = StreamingApp([b"abc", b"def"], length=6)
+    app.go.set()
+    async with serve_asgi(app) as server:
+        async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
+            reader = BufferedByteReceiveStream(stream)
+            await stream.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.receive_until(b"\r\n\r\n", 1024)
+            assert b"content-length: 6" in head
+            await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = await read_response(reader)
+    assert response.body == b"abcdef"
+
+
+async def test_a_client_gone_mid_stream_closes_the_connection_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = StreamingApp([b"a" * 65536] * 64, length=65536 * 64)
+    async with serve_asgi(app) as server:
+        async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await app.first_sent.wait()
+        app.go.set()  # the rest goes to a closed socket
+        with anyio.fail_after(10):
+            async with httpx.AsyncClient(trust_env=False) as http:
+                app.go = anyio.Event()
+                app.go.set()
+                assert len((await http.get(server.url)).content) == 65536 * 64
+    assert "raised while streaming" not in caplog.text

@@ -2,7 +2,8 @@
 
 ``python -m keevx_async.testing --port 8000`` serves the emulator until Ctrl-C or SIGTERM.
 Once it accepts connections it prints one line, ``FakeKeevx listening on <url>``, so a
-parent process can wait for it and learn the port (``--port 0`` picks a free one).
+parent process can wait for it and learn the port (``--port 0`` picks a free one). Its
+file host serves every result URL (``{url}/files/...``) and every uploaded file too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
     return value
 
 
@@ -84,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, help="seed for reproducible runs")
     parser.add_argument(
+        "--file-size",
+        type=_positive_int,
+        help="bytes of each result PNG the file host serves (default: a tiny one)",
+    )
+    parser.add_argument(
+        "--file-delay",
+        type=_seconds,
+        default=0.0,
+        help="seconds each file body takes to send (default 0)",
+    )
+    parser.add_argument(
+        "--file-ttl",
+        type=_seconds,
+        help="seconds a result file is served after its task finished (default: forever)",
+    )
+    parser.add_argument(
         "--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop to run on"
     )
     return parser
@@ -101,6 +125,9 @@ def fake_from_args(args: argparse.Namespace) -> FakeKeevx:
         early_callbacks=args.early_callbacks,
         shuffle=args.shuffle,
         seed=args.seed,
+        file_size=args.file_size,
+        file_delay=args.file_delay,
+        file_ttl=args.file_ttl,
     )
 
 

@@ -1,15 +1,18 @@
 """FakeKeevx: an emulator of the Keevx image generation service, as a plain ASGI 3 app.
 
 The emulator applies the service's own rules (request validation, envelopes, task IDs, the
-task-state GET endpoint, one callback per finished task) and adds fault knobs so that code
-built on the service can be tested against its hard cases: latency, scripted HTTP errors,
-failed tasks, and callbacks that arrive early, twice, out of order or never.
+task-state GET endpoint, one callback per finished task, the upload endpoint) and serves
+every result URL as a file host would, and adds fault knobs so that code built on the
+service can be tested against its hard cases: latency, scripted HTTP errors, failed
+tasks, callbacks that arrive early, twice, out of order or never, failing uploads and
+file hosts that fail, cut bodies short, serve error pages, expire URLs or trickle.
 
 This module is the composition: the ASGI routes, the public knobs and counters, and the
 fates drawn for each new task. The parts it wires live one concept per module: the
 service's contract in `_rules`, the task record in `_task`, scripted faults in `_faults`,
-finishing tasks on time in `_scheduler`, calling them back in `_deliverer`, and the
-awaitable counters behind the ``wait_for_*`` hooks in `_milestones`.
+finishing tasks on time in `_scheduler`, calling them back in `_deliverer`, serving files
+and reading uploads in `_file_host`, and the awaitable counters behind the ``wait_for_*``
+hooks in `_milestones`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import itertools
 import json
 import random
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any, Final
 
 import anyio
@@ -27,17 +30,27 @@ import httpx
 
 from keevx_async._client import AsyncKeevx
 from keevx_async._taskgroups import enter_task_group, exit_task_group
+from keevx_async._types import IMAGE_CONTENT_TYPES
 from keevx_async.testing._deliverer import CallbackDeliverer
 from keevx_async.testing._faults import FaultScript
+from keevx_async.testing._file_host import (
+    FILES_PATH,
+    FileHost,
+    StoredFile,
+    parse_multipart,
+)
 from keevx_async.testing._http_server import LoopbackServer, serve_asgi
 from keevx_async.testing._milestones import Milestones
 from keevx_async.testing._rules import (
+    CODE_PARAMETER_ERROR,
     MODERATION_MESSAGE,
     RANDOM_FAILURE_MESSAGE,
     SUBMIT_PATH,
     TASK_ID_PREFIX,
+    UPLOAD_PATH,
     Reply,
     auth_error,
+    check_upload,
     error_reply,
     method_not_allowed,
     ok_reply,
@@ -45,6 +58,8 @@ from keevx_async.testing._rules import (
     parse_json_object,
     task_not_found,
     task_snapshot,
+    upload_error,
+    upload_reply,
     validate,
 )
 from keevx_async.testing._scheduler import Scheduler
@@ -60,12 +75,12 @@ if TYPE_CHECKING:
     from keevx_async._asgi import Message, Receive, Scope, Send
     from keevx_async.testing._deliverer import CallbackSink, Recipient
     from keevx_async.testing._faults import Route
+    from keevx_async.testing._file_host import FileFault
 
 __all__ = ["FakeKeevx"]
 
 IN_PROCESS_BASE_URL: Final = "https://api.fake.keevx.test"
 """``base_url`` of a fake that is not served on a socket (reached through ASGITransport)."""
-DEFAULT_IMAGE_BASE_URL: Final = "https://images.fake.keevx.test"
 EXAMPLE_CALLBACK_URL: Final = "https://app.example.test/keevx/callback"
 """The ``callback_url`` of clients made by ``FakeKeevx.client`` unless told otherwise."""
 
@@ -132,7 +147,13 @@ class FakeKeevx:
     - ``seed``: seeds the fake's private random generator so runs are reproducible
       (assigning ``seed`` reseeds it). Task IDs are random UUIDs regardless.
     - ``image_base_url``: result URLs are ``{image_base_url}/{task_id}.png`` (and
-      ``_thumb.png``).
+      ``_thumb.png``). Default: the fake's own file host, ``{base_url}/files``, which
+      serves each as a real PNG (see below); ``base_url`` is read when the task finishes.
+    - ``file_size``: the bytes of each result PNG (padded, still a valid PNG); default a
+      tiny one (under 100 bytes).
+    - ``file_delay``: seconds each file body takes, spread over its parts (slow bodies).
+    - ``file_ttl``: seconds a result file is served after its task finished; later it
+      answers 404, as the service's URLs do after about 7 days. ``None``: forever.
     - ``delivery_concurrency``: callback deliveries in flight at once.
     - ``redeliveries`` / ``redeliver_after``: how many more times a callback whose
       delivery failed (an exception, or an answer other than 2xx: a 503 of a receiver
@@ -140,15 +161,27 @@ class FakeKeevx:
       seconds, then at doubling intervals. The service does not document retries, so
       the default is none.
 
+    The file host answers ``GET {base_url}/files/...`` without authentication (as a
+    CDN would): ``{task_id}.png`` and ``{task_id}_thumb.png`` of a succeeded task, and
+    every uploaded file. Its faults: `inject` with ``route="file"`` (a 503, a 429 with
+    ``Retry-After``, a 403/404 as for an expired URL), `inject_file_fault` (a body cut
+    short, an HTML error page served as 200), `hold_files` (bodies stop after their first
+    part until `release_files`), and ``file_delay``/``file_ttl``. The upload endpoint
+    (``POST {base_url}/v1/figure-resource/upload/file``) applies the service's rules: a
+    multipart part ``file`` with a JPG/JPEG/PNG/BMP/WebP/GIF name, not empty, at most
+    20 MB; ``inject(..., route="upload")`` fails it.
+
     The counters (``submit_calls``, ``accepted_submits``, ``submit_times``,
     ``max_in_flight``, ``get_calls``, ``get_times``, ``callbacks_sent``,
-    ``delivery_failures``) and
+    ``delivery_failures``, ``upload_calls``, ``uploads``, ``file_requests``,
+    ``file_request_headers``, ``max_files_in_flight``) and
     ``tasks`` (the tasks created since the last reset) start over with
-    `reset_metrics`; tasks created before a reset can still be looked up with GET.
+    `reset_metrics`; tasks created before a reset can still be looked up with GET, and
+    their files (and uploaded files) are still served.
 
-    Tests wait on the fake instead of sleeping: `wait_for_submits`, `wait_for_gets` and
-    `wait_for_callbacks` return once a counter reaches a value, `wait_idle` once nothing
-    is left to do.
+    Tests wait on the fake instead of sleeping: `wait_for_submits`, `wait_for_gets`,
+    `wait_for_callbacks` and `wait_for_file_requests` return once a counter reaches a
+    value, `wait_idle` once nothing is left to do.
     """
 
     api_key: str | None
@@ -162,7 +195,9 @@ class FakeKeevx:
     early_callbacks: bool
     shuffle: bool
     callback_client: httpx.AsyncClient | None
-    image_base_url: str
+    file_size: int | None
+    file_delay: float
+    file_ttl: float | None
     delivery_concurrency: int
     redeliveries: int
     redeliver_after: float
@@ -187,6 +222,18 @@ class FakeKeevx:
     """Callbacks delivered successfully (a duplicate counts twice)."""
     delivery_failures: list[tuple[str, str]]
     """``(task_id, reason)`` for every delivery that failed."""
+    upload_calls: int
+    """Upload requests received (any outcome)."""
+    uploads: dict[str, StoredFile]
+    """The files uploaded (accepted), by file ID."""
+    file_requests: int
+    """Requests the file host received (any outcome)."""
+    file_request_headers: list[dict[str, str]]
+    """The headers of every request the file host received, in order (names lowercase)."""
+    files_in_flight: int
+    """File requests being answered right now."""
+    max_files_in_flight: int
+    """The most file requests ever answered at once."""
 
     # Made on entering, when an event loop is sure to run; nothing can deliver before
     # that, because a fake that is not running refuses every request.
@@ -207,10 +254,13 @@ class FakeKeevx:
         shuffle: bool = False,
         seed: int | None = None,
         callback_client: httpx.AsyncClient | None = None,
-        image_base_url: str = DEFAULT_IMAGE_BASE_URL,
+        image_base_url: str | None = None,
         delivery_concurrency: int = 64,
         redeliveries: int = 0,
         redeliver_after: float = 0.5,
+        file_size: int | None = None,
+        file_delay: float = 0.0,
+        file_ttl: float | None = None,
     ) -> None:
         self.api_key = api_key
         self.latency = latency
@@ -228,8 +278,12 @@ class FakeKeevx:
         self.delivery_concurrency = delivery_concurrency
         self.redeliveries = redeliveries
         self.redeliver_after = redeliver_after
+        self.file_size = file_size
+        self.file_delay = file_delay
+        self.file_ttl = file_ttl
 
         self.in_flight = 0
+        self.files_in_flight = 0
         self.reset_metrics()
         # Every task ever created, for GET: unlike ``tasks`` it survives reset_metrics().
         self._registry: dict[str, FakeTask] = {}
@@ -251,6 +305,8 @@ class FakeKeevx:
         self._accepted_milestones = Milestones()
         self._get_milestones = Milestones()
         self._callback_milestones = Milestones()
+        self._file_milestones = Milestones()
+        self._file_host = FileHost(self)
 
     # -- configuration -----------------------------------------------------------------
 
@@ -263,6 +319,16 @@ class FakeKeevx:
     def seed(self, value: int | None) -> None:
         self._seed = value
         self._rng = random.Random(value)
+
+    @property
+    def image_base_url(self) -> str:
+        """Where result URLs point: the value given, else the fake's own file host
+        (``{base_url}/files``)."""
+        return self._image_base_url or self.base_url + FILES_PATH
+
+    @image_base_url.setter
+    def image_base_url(self, value: str | None) -> None:
+        self._image_base_url = value
 
     @property
     def base_url(self) -> str:
@@ -281,6 +347,11 @@ class FakeKeevx:
         self.get_times = []
         self.callbacks_sent = 0
         self.delivery_failures = []
+        self.upload_calls = 0
+        self.uploads = {}
+        self.file_requests = 0
+        self.file_request_headers = []
+        self.max_files_in_flight = self.files_in_flight
 
     def inject(
         self,
@@ -293,15 +364,34 @@ class FakeKeevx:
     ) -> None:
         """Answer the next ``times`` requests to ``route`` with HTTP ``status``.
 
-        Faults are queued and consumed in order, one per matching request, before the
-        request is validated (but after authentication). The reply is the envelope
-        ``{"code": status, "msg": ..., "data": null}``, with a ``Retry-After`` header when
-        ``retry_after`` is given (a number is sent as seconds, a string verbatim, e.g. an
-        HTTP date). ``create=True`` (submit only) creates the tasks of a valid request,
-        and calls them back later, although the reply is the error: the ambiguous "billed
-        but no task IDs" case.
+        ``route`` is ``"submit"``, ``"get"`` (the task-state lookup), ``"upload"`` or
+        ``"file"`` (the file host: any file it serves). Faults are queued and consumed in
+        order, one per matching request, before the request is validated (but after
+        authentication). The reply is the envelope ``{"code": status, "msg": ...,
+        "data": null}`` (for an upload, its own envelope with ``"success": false``; for a
+        file, a line of text), with a ``Retry-After`` header when ``retry_after`` is given
+        (a number is sent as seconds, a string verbatim, e.g. an HTTP date).
+        ``create=True`` (submit only) creates the tasks of a valid request, and calls them
+        back later, although the reply is the error: the ambiguous "billed but no task
+        IDs" case.
         """
         self._faults.add(status, times=times, retry_after=retry_after, create=create, route=route)
+
+    def inject_file_fault(self, kind: FileFault, *, times: int = 1) -> None:
+        """Break the next ``times`` files the file host serves: ``"cut"`` sends half the
+        body under a ``Content-Length`` of the whole and ends it there; ``"content_type"``
+        answers 200 with an HTML error page instead of the file. Status faults of
+        ``inject(..., route="file")`` are taken first."""
+        self._file_host.add_fault(kind, times)
+
+    def hold_files(self) -> None:
+        """Stop every file body after its first part until `release_files` (a file host
+        stalled mid-body, for as long as a test needs)."""
+        self._file_host.hold()
+
+    def release_files(self) -> None:
+        """Let the file bodies held by `hold_files` (and later ones) go on."""
+        self._file_host.release()
 
     def deliver_into(self, target: CallbackSink | None) -> None:
         """Hand callbacks to ``await target.feed_callback(body, url=callback_url)``.
@@ -339,12 +429,21 @@ class FakeKeevx:
         ```
 
         ``options`` go to ``AsyncKeevx`` (``api_key`` defaults to the fake's, or
-        ``"test"``; ``callback_url`` to ``https://app.example.test/keevx/callback``).
+        ``"test"``; ``callback_url`` to ``https://app.example.test/keevx/callback``;
+        ``http_client`` to one of `http_client`'s; ``download_client`` to a second
+        in-process client, so downloads reach the fake's file host).
         """
         options.setdefault("api_key", self.api_key or "test")
         options.setdefault("base_url", self.base_url)
         options.setdefault("callback_url", EXAMPLE_CALLBACK_URL)
-        async with self.http_client() as http, AsyncKeevx(http_client=http, **options) as client:
+        async with AsyncExitStack() as stack:
+            if "http_client" not in options:
+                options["http_client"] = await stack.enter_async_context(self.http_client())
+            if "download_client" not in options:
+                options["download_client"] = await stack.enter_async_context(
+                    httpx.AsyncClient(transport=httpx.ASGITransport(app=self))
+                )
+            client = await stack.enter_async_context(AsyncKeevx(**options))
             if deliver_callbacks:
                 self.deliver_into(client)
             try:
@@ -428,6 +527,12 @@ class FakeKeevx:
         """
         await self._wait_for(self._callback_milestones, n, self.callbacks_sent)
 
+    async def wait_for_file_requests(self, n: int) -> None:
+        """Return once the file host has received at least ``n`` requests, i.e. once
+        ``file_requests >= n``. A request counts on arrival, whatever its answer.
+        Otherwise like `wait_for_submits`."""
+        await self._wait_for(self._file_milestones, n, self.file_requests)
+
     async def _wait_for(self, milestones: Milestones, n: int, current: int) -> None:
         if current < n:
             self._require_running()
@@ -470,6 +575,7 @@ class FakeKeevx:
         if task_group is None:
             raise RuntimeError("FakeKeevx is not running")
         self._task_group = None
+        self._file_host.release()
         try:
             await exit_task_group(task_group)
         finally:
@@ -495,6 +601,15 @@ class FakeKeevx:
         if self._task_group is None:
             reply = error_reply(
                 500, "FakeKeevx is not running: enter it with `async with FakeKeevx(...)`"
+            )
+        elif path.startswith(FILES_PATH + "/"):
+            await self._file_host.handle(scope, send)
+            return
+        elif path == UPLOAD_PATH:
+            reply = (
+                await self._handle_upload(scope, raw_body)
+                if method == "POST"
+                else method_not_allowed(method, path, "POST")
             )
         elif path == SUBMIT_PATH:
             reply = (
@@ -617,6 +732,35 @@ class FakeKeevx:
             # (PlannedTask compares by identity, so this compares the orders).
             planned = shuffled if shuffled != planned else planned[::-1]
         return planned
+
+    async def _handle_upload(self, scope: Scope, raw_body: bytes) -> Reply:
+        self.upload_calls += 1
+        await anyio.sleep(self.latency)
+        denied = self._auth_error(scope)
+        if denied is not None:
+            return upload_error(denied.status, denied.payload["msg"])
+        fault = self._faults.take("upload")
+        if fault is not None:
+            return fault.reply()
+        parts = parse_multipart(_header(scope, b"content-type"), raw_body)
+        if parts is None:
+            return upload_error(400, "the body must be multipart/form-data")
+        files = [part for part in parts if part.name == "file"]
+        if not files:
+            return upload_error(200, "the part 'file' is required", code=CODE_PARAMETER_ERROR)
+        (part, *_) = files
+        problem = check_upload(part.filename, part.content)
+        if problem is not None:
+            return upload_error(200, problem, code=CODE_PARAMETER_ERROR)
+        assert part.filename is not None
+        file_id = uuid.uuid4().hex
+        extension = part.filename.rpartition(".")[2].lower()
+        file_name = f"{file_id[:12]}.{extension}"
+        stored = StoredFile(file_name, part.content, IMAGE_CONTENT_TYPES[extension])
+        self.uploads[file_id] = stored
+        path = f"uploads/{file_id}/{file_name}"
+        self._file_host.store(path, stored)
+        return upload_reply(f"{self.base_url}{FILES_PATH}/{path}", file_id, file_name)
 
     async def _handle_get(self, scope: Scope, task_id: str) -> Reply:
         self.get_calls += 1

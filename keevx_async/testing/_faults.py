@@ -12,12 +12,13 @@ from typing import Literal
 
 import attrs
 
-from keevx_async.testing._rules import Reply, error_reply, format_retry_after
+from keevx_async.testing._rules import Reply, error_reply, format_retry_after, upload_error
 
 __all__ = ["Fault", "FaultScript", "Route"]
 
-Route = Literal["submit", "get"]
-"""The endpoint a fault applies to."""
+Route = Literal["submit", "get", "upload", "file"]
+"""The endpoint a fault applies to (``"file"``: the file host, every file it serves)."""
+ROUTES = ("submit", "get", "upload", "file")
 
 
 @attrs.define
@@ -32,8 +33,13 @@ class Fault:
     route: Route
 
     def reply(self) -> Reply:
-        """The fault as the service would send it."""
-        reply = error_reply(self.status, f"injected fault: HTTP {self.status}")
+        """The fault as the service would send it (an upload in its own envelope)."""
+        message = f"injected fault: HTTP {self.status}"
+        reply = (
+            upload_error(self.status, message)
+            if self.route == "upload"
+            else error_reply(self.status, message)
+        )
         if self.retry_after is not None:
             reply.headers.append(
                 (b"retry-after", format_retry_after(self.retry_after).encode("latin-1"))
@@ -57,8 +63,8 @@ class FaultScript:
         route: Route,
     ) -> None:
         """Queue a fault; ``ValueError`` if it could never apply."""
-        if route not in ("submit", "get"):
-            raise ValueError(f"route must be 'submit' or 'get', not {route!r}")
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(map(repr, ROUTES))}, not {route!r}")
         if create and route != "submit":
             raise ValueError("create=True only applies to route='submit'")
         if times < 1:

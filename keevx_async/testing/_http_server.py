@@ -7,7 +7,8 @@ with httpx): it parses requests, frames bodies (``Content-Length`` or chunked) a
 keep-alive, so there is no parser of ours to get wrong. Everything else is `anyio`, so the
 server runs under asyncio and trio alike. It stays deliberately small: request bodies are
 read whole before the application runs, responses are buffered and sent with a
-``Content-Length``, and there is no TLS. Do not expose it to a network you do not control.
+``Content-Length`` (unless the application asks for a stream, see `STREAM_RESPONSE`), and
+there is no TLS. Do not expose it to a network you do not control.
 """
 
 from __future__ import annotations
@@ -32,12 +33,21 @@ if TYPE_CHECKING:
 
     from keevx_async._asgi import ASGIApp, Message, Scope
 
-__all__ = ["LoopbackServer", "serve_asgi"]
+__all__ = ["STREAM_RESPONSE", "LoopbackServer", "serve_asgi"]
+
+STREAM_RESPONSE: Final = "keevx_async.stream"
+"""A key of an ``http.response.start`` message: when true, the response is streamed as
+the application sends it, as a production server would (the head at once, each body part
+as it comes, framed by the application's own ``Content-Length`` when it gives one, else
+chunked). A streamed response the application leaves incomplete (returning early, or
+sending fewer bytes than its ``Content-Length``) is cut short: the connection closes. The
+file host of [`FakeKeevx`][keevx_async.testing.FakeKeevx] streams, so that slow bodies
+and bodies cut short reach the client as they would from a real one."""
 
 MAX_HEADER_BYTES: Final = 64 * 1024
 """A request head still incomplete after this many bytes is refused with 431."""
-MAX_BODY_BYTES: Final = 16 * 1024 * 1024
-"""A request body longer than this is refused with 413."""
+MAX_BODY_BYTES: Final = 32 * 1024 * 1024
+"""A request body longer than this is refused with 413 (room for a 20 MB upload)."""
 
 _RECEIVE_BYTES: Final = 64 * 1024
 _Outgoing = h11.InformationalResponse | h11.Response | h11.Data | h11.EndOfMessage
@@ -88,6 +98,12 @@ class _Response:
     head: h11.Response | None = None
     body_parts: list[bytes] = attrs.Factory(list)
     complete: bool = False
+    streamed: bool = False
+    """The head went out at once and the body follows as it comes (`STREAM_RESPONSE`)."""
+    broken: bool = False
+    """A streamed response that could not be completed: the connection must close."""
+    head_only: bool = False
+    """The answer to a HEAD request: no body is sent."""
 
 
 def _internal_error() -> _Response:
@@ -258,8 +274,11 @@ class _Server:
                 assert isinstance(event, h11.Request)
                 _check_servable(event)
                 body = await _read_body(connection)
-                response = await self._run_app(_scope(event, client, server), body)
-                await self._answer(connection, event, response)
+                response = await self._run_app(_scope(event, client, server), body, connection)
+                if response.broken:
+                    return  # a streamed response cut short: closing says so
+                if not response.streamed:
+                    await self._answer(connection, event, response)
                 if connection.h11.our_state is not h11.DONE:  # h11 decided: no keep-alive
                     return
                 connection.h11.start_next_cycle()
@@ -274,13 +293,10 @@ class _Server:
         head = response.head
         assert head is not None
         body = b"".join(response.body_parts)
-        # Re-read the flag: shutdown may have begun while the application ran. h11 turns
-        # keep-alive into close by itself when the client asked for that (or spoke 1.0).
-        connection_header = b"close" if self._closing else b"keep-alive"
         headers = [
             *((name, value) for name, value in head.headers if name not in _SERVER_OWNED_HEADERS),
             (b"content-length", b"%d" % len(body)),
-            (b"connection", connection_header),
+            (b"connection", self._connection_header()),
         ]
         await connection.answer(
             h11.Response(status_code=head.status_code, headers=headers, reason=head.reason),
@@ -288,8 +304,46 @@ class _Server:
             include_body=request.method != b"HEAD",
         )
 
-    async def _run_app(self, scope: Scope, body: bytes) -> _Response:
-        response = _Response()
+    def _connection_header(self) -> bytes:
+        # Read when the head goes out: shutdown may have begun while the application ran.
+        # h11 turns keep-alive into close by itself when the client asked for that.
+        return b"close" if self._closing else b"keep-alive"
+
+    async def _start_stream(self, connection: _Connection, head: h11.Response) -> None:
+        """Send a streamed response's head: the application's framing headers dropped
+        but its ``Content-Length``."""
+        headers = [
+            *(
+                (name, value)
+                for name, value in head.headers
+                if name == b"content-length" or name not in _SERVER_OWNED_HEADERS
+            ),
+            (b"connection", self._connection_header()),
+        ]
+        await connection.send(
+            h11.Response(status_code=head.status_code, headers=headers, reason=head.reason)
+        )
+
+    async def _stream_part(
+        self, connection: _Connection, response: _Response, data: bytes, *, last: bool
+    ) -> None:
+        """Send a part of a streamed body (none of it for a HEAD request)."""
+        include_body = data and not response.head_only
+        events: list[_Outgoing] = [h11.Data(data=data)] if include_body else []
+        if last:
+            events.append(h11.EndOfMessage())
+        try:
+            await connection.send(*events)
+        except h11.LocalProtocolError:
+            # More or fewer bytes than the application's Content-Length: cut it short.
+            response.broken = True
+            logger.debug("a streamed response did not match its Content-Length; closing")
+        except _CONNECTION_LOST:
+            response.broken = True
+            raise
+
+    async def _run_app(self, scope: Scope, body: bytes, connection: _Connection) -> _Response:
+        response = _Response(head_only=scope["method"] == "HEAD")
         response_done = anyio.Event()
         request_delivered = False
 
@@ -316,11 +370,20 @@ class _Server:
                     )
                 except h11.LocalProtocolError as exc:
                     raise RuntimeError(f"invalid ASGI response start: {exc}") from exc
+                if message.get(STREAM_RESPONSE):
+                    response.streamed = True
+                    await self._start_stream(connection, response.head)
             elif kind == "http.response.body" and response.head is not None:
                 if response.complete:
                     raise RuntimeError("ASGI response body sent after the response was complete")
-                response.body_parts.append(bytes(message.get("body", b"")))
-                if not message.get("more_body", False):
+                data = bytes(message.get("body", b""))
+                last = not message.get("more_body", False)
+                if response.streamed:
+                    if not response.broken:
+                        await self._stream_part(connection, response, data, last=last)
+                else:
+                    response.body_parts.append(data)
+                if last:
                     response.complete = True
                     response_done.set()
             else:
@@ -329,11 +392,21 @@ class _Server:
         try:
             await self._app(scope, receive, send)
         except Exception:
+            if response.streamed:
+                # The head is out: nothing to answer, the connection just closes. A lost
+                # connection (the client went away) is no error of the application's.
+                log = logger.debug if response.broken else logger.exception
+                log("ASGI application raised while streaming; closing", exc_info=True)
+                response.broken = True
+                return response
             logger.exception("ASGI application raised; answering 500")
             return _internal_error()
         finally:
             response_done.set()
         if not response.complete:
+            if response.streamed:
+                response.broken = True
+                return response
             logger.error("ASGI application returned without a complete response; answering 500")
             return _internal_error()
         return response
@@ -354,7 +427,7 @@ async def serve_asgi(
     Each connection runs in its own task; HTTP/1.1 connections are kept alive unless the
     client sends ``Connection: close`` (HTTP/1.0 connections close after one response).
     Request bodies may be framed by ``Content-Length`` or chunked; header blocks are
-    limited to 64 KiB (431) and bodies to 16 MiB (413), and a request h11 cannot parse is
+    limited to 64 KiB (431) and bodies to 32 MiB (413), and a request h11 cannot parse is
     answered with 400 before the connection closes. An exception from the application is
     logged and answered with 500.
 

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 
 from keevx_async._types import (
+    IMAGE_EXTENSIONS,
     IMAGE_QUALITIES,
     IMAGE_RATIOS,
     MAX_GENERATE_COUNT,
+    MAX_IMAGE_BYTES,
     MAX_PROMPT_LENGTH,
     MAX_REFERENCE_IMAGES,
     MODULES,
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
     from keevx_async.testing._task import FakeTask
 
 SUBMIT_PATH: Final = "/v1/image_generate"
+UPLOAD_PATH: Final = "/v1/figure-resource/upload/file"
 TASK_ID_PREFIX: Final = "i2is-"
 CODE_OK: Final = 0
 CODE_PARAMETER_ERROR: Final = 100001
@@ -97,6 +100,47 @@ def auth_error(authorization: str | None, api_key: str | None) -> Reply | None:
         return error_reply(401, "missing or malformed Authorization header")
     if api_key is not None and not secrets.compare_digest(token.encode(), api_key.encode()):
         return error_reply(401, "invalid api key")
+    return None
+
+
+def upload_error(status: int, message: str, *, code: int | None = None) -> Reply:
+    """An upload refused, in the upload endpoint's own envelope (``success`` false)."""
+    return Reply(
+        status,
+        {
+            "code": status if code is None else code,
+            "success": False,
+            "message": {"global": message},
+            "result": None,
+        },
+    )
+
+
+def upload_reply(url: str, file_id: str, file_name: str) -> Reply:
+    """A successful upload: where the file is kept."""
+    return Reply(
+        200,
+        {
+            "code": CODE_OK,
+            "success": True,
+            "message": {"global": "success"},
+            "result": {"url": url, "fileId": file_id, "fileName": file_name},
+        },
+    )
+
+
+def check_upload(filename: str | None, content: bytes) -> str | None:
+    """The service's rules for an uploaded file; what is wrong, or ``None``."""
+    if not filename:
+        return "the part 'file' must carry a file name"
+    stem, dot, extension = filename.rpartition(".")
+    if not (dot and stem) or extension.lower() not in IMAGE_EXTENSIONS:
+        allowed = ", ".join(sorted(IMAGE_EXTENSIONS))
+        return f"file type not allowed: {filename!r} (allowed: {allowed})"
+    if not content:
+        return "the file is empty"
+    if len(content) > MAX_IMAGE_BYTES:
+        return f"the file is larger than {MAX_IMAGE_BYTES // 2**20} MB"
     return None
 
 
