@@ -38,6 +38,7 @@ from ._throttle import Throttle, backoff_delay, parse_retry_after
 from ._transports import FanoutClient, FanoutTransport
 from ._transports.aiohttp import AiohttpTransport
 from ._transports.fanout_client import attempt_deadline
+from ._transports.pool import OneShotBody
 from ._transports.sharded import ShardedTransport
 from ._version import __version__
 from ._wire import Envelope, WireFormatError, decode_envelope
@@ -286,9 +287,7 @@ class HTTPEngine:
             await self._throttle.before_attempt(paced=paced)
             try:
                 if self._deadline is None:
-                    response = await self.http.request(
-                        method, url, content=content, headers=headers, timeout=self._timeout
-                    )
+                    response = await self._attempt(method, url, content, headers)
                 else:
                     response = await self._bounded_attempt(method, url, content, headers)
             except anyio.get_cancelled_exc_class():
@@ -359,6 +358,23 @@ class HTTPEngine:
                 method, url, status, attempt, self.max_retries,
             )  # fmt: skip
 
+    async def _attempt(
+        self, method: str, url: str, content: bytes | None, headers: dict[str, str]
+    ) -> httpx.Response:
+        """One attempt through ``http``; its body sent without an async generator (see
+        `OneShotBody`) whoever built the client."""
+        http = self.http
+        if type(http) is FanoutClient:  # builds its requests with one already
+            return await http.request(
+                method, url, content=content, headers=headers, timeout=self._timeout
+            )
+        request = http.build_request(
+            method, url, content=content, headers=headers, timeout=self._timeout
+        )
+        if content:
+            request.stream = OneShotBody(content)
+        return await http.send(request)
+
     async def _bounded_attempt(
         self, method: str, url: str, content: bytes | None, headers: dict[str, str]
     ) -> httpx.Response:
@@ -368,9 +384,7 @@ class HTTPEngine:
         assert deadline is not None
         with anyio.move_on_after(deadline) as scope:
             try:
-                return await self.http.request(
-                    method, url, content=content, headers=headers, timeout=self._timeout
-                )
+                return await self._attempt(method, url, content, headers)
             finally:
                 if _keeps_deadline(self.http):  # known once the first request chose it
                     self._deadline = None

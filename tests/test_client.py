@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -1115,3 +1116,37 @@ async def test_cancelled_submits_leave_no_resource_warning(own_http_client: bool
                 tg.cancel_scope.cancel()  # every request sent, none answered yet
         assert fake.submit_calls == 16
     gc.collect()
+
+
+@pytest.mark.parametrize("own_http_client", [False, True], ids=["default", "httpx"])
+async def test_submits_cancelled_mid_send_leave_no_unfinished_body_stream(
+    own_http_client: bool,
+) -> None:
+    """Submits cancelled at every point of their send, over and over. httpx sends a body
+    from an async generator: a send cancelled midway left it unfinished, and trio warned
+    when it was collected ("Async generator 'httpx._content.ByteStream.__aiter__' was
+    garbage collected before it had been exhausted", 24 times in 300 rounds here)."""
+    caught: list[str] = []
+    async with FakeKeevx(latency=0.5) as fake, fake.serve() as server:
+        async with contextlib.AsyncExitStack() as stack:
+            http = (
+                await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+                if own_http_client
+                else None
+            )
+            client = await stack.enter_async_context(
+                kx.AsyncKeevx(api_key="k", base_url=server.url, http_client=http, max_retries=0)
+            )
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                for round_ in range(120):
+                    async with anyio.create_task_group() as tg:
+                        for n in range(4):
+                            tg.start_soon(client.submit, kx.ImageRequest(f"cut {round_}.{n}"))
+                        for _ in range(round_ % 40):  # cut at a different point each round
+                            await anyio.lowlevel.checkpoint()
+                        tg.cancel_scope.cancel()
+                    gc.collect()
+            caught = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
+    assert fake.submit_calls > 0  # some sends got through before their cut
+    assert caught == []

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 import httpx
 
+from .pool import OneShotBody
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -116,7 +118,7 @@ class FanoutClient(httpx.AsyncClient):
             method,
             self._url,
             headers=head,
-            stream=httpx.ByteStream(content or b""),
+            stream=OneShotBody(content or b""),
             extensions={"timeout": self._timeout_extension},
         )
         request.read()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httpcore
 import httpx
 
-from .pool import pool_limits, ssl_context
+from .pool import OneShotBody, pool_limits, ssl_context
 
 if TYPE_CHECKING:
     import ssl
@@ -180,6 +180,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` through the least busy pool and read its whole response."""
+        if type(request.stream) is httpx.ByteStream:  # httpx's own path built it
+            request.stream = OneShotBody(request.content)
         in_flight = self._in_flight
         index = in_flight.index(min(in_flight))
         in_flight[index] += 1
