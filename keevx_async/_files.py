@@ -30,13 +30,11 @@ import functools
 import hashlib
 import itertools
 import logging
-import math
 import mimetypes
 import os
 import re
 import secrets
 import stat
-import time
 from collections import OrderedDict
 from contextlib import aclosing
 from pathlib import Path
@@ -56,6 +54,7 @@ from ._exceptions import (
     KeevxError,
     TransportError,
 )
+from ._hints import Hint
 from ._models import (
     UploadedFile,
     check_image_size,
@@ -94,7 +93,6 @@ FLUSH_BYTES: Final = 1024 * 1024
 """Bytes of a download kept in memory before they are written out (on a worker thread)."""
 MAX_STEM_BYTES: Final = 150
 """The longest name (UTF-8 bytes) given to a file, before its extension."""
-HINT_INTERVAL: Final = 60.0
 """Seconds between two warnings naming the same likely cause."""
 _DIGEST_CACHE_SIZE: Final = 4096
 _IOV_MAX: Final = 512  # buffers per writev call, well under every system's IOV_MAX
@@ -126,22 +124,6 @@ _SAFE_EXTENSION: Final = re.compile(r"\.[a-z0-9]{1,8}")
 _EXPIRED_STATUSES: Final = frozenset({403, 404, 410})
 # Never sent, and retrying cannot help.
 _UNSENDABLE: Final = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
-
-
-class _Hint:
-    """A warning naming a likely cause, said at most once per `HINT_INTERVAL`."""
-
-    __slots__ = ("_message", "_said_at")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._said_at = -math.inf
-
-    def say(self, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._said_at >= HINT_INTERVAL:
-            self._said_at = now
-            logger.warning(self._message, *args)
 
 
 def shown(url: str) -> str:
@@ -694,11 +676,11 @@ class Downloader:
         self._directories: set[Path] = set()
         self._max_retries = max_retries
         self._max_retry_wait = max_retry_wait
-        self._expired_hint = _Hint(
+        self._expired_hint = Hint(
             "a file host answered HTTP %d for %s: result URLs expire (the service keeps "
             "them for about 7 days), so download results as they finish (download_to=)"
         )
-        self._type_hint = _Hint(
+        self._type_hint = Hint(
             "a file host answered Content-Type %r for %s instead of a file: an error or "
             "login page, or a proxy in between? check the URL"
         )
