@@ -93,7 +93,6 @@ FLUSH_BYTES: Final = 1024 * 1024
 """Bytes of a download kept in memory before they are written out (on a worker thread)."""
 MAX_STEM_BYTES: Final = 150
 """The longest name (UTF-8 bytes) given to a file, before its extension."""
-"""Seconds between two warnings naming the same likely cause."""
 _DIGEST_CACHE_SIZE: Final = 4096
 _IOV_MAX: Final = 512  # buffers per writev call, well under every system's IOV_MAX
 # A new file, never an existing one, not inherited by child processes, bytes as they are
