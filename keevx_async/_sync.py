@@ -138,6 +138,9 @@ class _Runner:
         self._close_lock = threading.Lock()
         # A forked child has a copy of this object but not the thread: see `start`.
         self._pid = os.getpid()
+        # Blocks open on the loop (batches, callback servers): left before the client.
+        self.open_blocks: set[_Hosted[Any]] = set()
+        self.open_blocks_lock = threading.Lock()
         # The caller's HTTP clients (http_client, download_client): closed with the loop.
         self._injected = [http for http in injected if http is not None]
         self._portal, self._thread = _start_loop_thread(backend)
@@ -238,6 +241,14 @@ class _Runner:
             if self._stopped or os.getpid() != self._pid:  # (no thread to stop in a fork)
                 return
             try:
+                # A batch (or server) still open is left first, while the client's HTTP
+                # pool is open: its requests in flight end and their connections close
+                # with it, instead of being cut off by the pool closing under them.
+                with self.open_blocks_lock:
+                    blocks = list(self.open_blocks)
+                for block in blocks:
+                    with contextlib.suppress(Exception):
+                        block.leave(_NO_EXC, timeout)
                 # Every unfinished task ends with ClientClosedError: its waiters wake.
                 self._entered.leave(_NO_EXC, timeout)
                 for http in self._injected:
@@ -312,6 +323,9 @@ class _Hosted(Generic[_T]):
             raise RuntimeError("this context manager runs once")
         runner = self._runner
         self._host = host = runner.start(self._run)
+        if cast("object", self._async_cm) is not runner.client:  # a batch, a server
+            with runner.open_blocks_lock:
+                runner.open_blocks.add(self)
         try:
             concurrent.futures.wait((self._entered, host), return_when="FIRST_COMPLETED")
         except BaseException:  # pragma: no cover - interrupted: the block is left at once
@@ -335,6 +349,8 @@ class _Hosted(Generic[_T]):
         host, leave = self._host, self._leave
         if host is None or leave is None:
             raise RuntimeError("this context manager was not entered")
+        with self._runner.open_blocks_lock:
+            self._runner.open_blocks.discard(self)
         self._exc_info = exc_info
         if not host.done():
             # A RuntimeError: the loop stopped, and the host was cancelled with it.

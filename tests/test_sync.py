@@ -241,10 +241,12 @@ def test_retrieve_and_reattach_by_task_id(
     # Closed before its result came: the task ended with the client.
     assert isinstance(submission.tasks[0].exception(), kx.ClientClosedError)
     portal.call(fake.wait_idle)
-    with make_client(fake, backend) as second:
-        snapshot = second.retrieve(task_id)
+    # No lookups of its own: a re-attached task is looked up at once otherwise, and
+    # could finish (and leave the client) before the second task() below.
+    with make_client(fake, backend, reconcile_after=None) as second:
         task = second.task(task_id, request=request)
         again = second.task(task_id)
+        snapshot = second.retrieve(task_id)  # resolves the task waiting here
         result = task.wait(timeout=30)
         with pytest.raises(kx.UnknownTaskError):
             second.task("i2is-nobody-knows")
