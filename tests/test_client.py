@@ -33,6 +33,8 @@ import keevx_async as kx
 from keevx_async.testing import FakeKeevx, serve_asgi
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from keevx_async._types import CallbackTokenIn
 
 pytestmark = pytest.mark.anyio
@@ -1092,21 +1094,28 @@ async def test_a_client_entered_in_one_cell_is_left_in_another() -> None:
     assert not client._reconciler.running  # the sweeper stopped with the client
 
 
+@contextlib.asynccontextmanager
+async def _client_on(base_url: str, *, own_http_client: bool) -> AsyncIterator[kx.AsyncKeevx]:
+    """A client of ``base_url`` with no retries: its own transport, or a plain
+    ``httpx.AsyncClient`` of the caller's."""
+    async with contextlib.AsyncExitStack() as stack:
+        http = (
+            await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
+            if own_http_client
+            else None
+        )
+        yield await stack.enter_async_context(
+            kx.AsyncKeevx(api_key="k", base_url=base_url, http_client=http, max_retries=0)
+        )
+
+
 @pytest.mark.parametrize("own_http_client", [False, True], ids=["default", "httpx"])
 async def test_cancelled_submits_leave_no_resource_warning(own_http_client: bool) -> None:
     """Reported under trio (encode/httpx#3686: a request body's stream left unclosed when
     its send is cancelled). The SDK sends bytes bodies; with ``filterwarnings = error``,
     any ResourceWarning collected here fails the test (pytest's unraisable hook)."""
     async with FakeKeevx(latency=2.0) as fake, fake.serve() as server:
-        async with contextlib.AsyncExitStack() as stack:
-            http = (
-                await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
-                if own_http_client
-                else None
-            )
-            client = await stack.enter_async_context(
-                kx.AsyncKeevx(api_key="k", base_url=server.url, http_client=http, max_retries=0)
-            )
+        async with _client_on(server.url, own_http_client=own_http_client) as client:
             async with anyio.create_task_group() as tg:
                 for n in range(16):  # max_concurrency: all of them in flight at once
                     tg.start_soon(client.submit, kx.ImageRequest(f"cancelled {n}"))
@@ -1128,15 +1137,7 @@ async def test_submits_cancelled_mid_send_leave_no_unfinished_body_stream(
     garbage collected before it had been exhausted", 24 times in 300 rounds here)."""
     caught: list[str] = []
     async with FakeKeevx(latency=0.5) as fake, fake.serve() as server:
-        async with contextlib.AsyncExitStack() as stack:
-            http = (
-                await stack.enter_async_context(httpx.AsyncClient(trust_env=False))
-                if own_http_client
-                else None
-            )
-            client = await stack.enter_async_context(
-                kx.AsyncKeevx(api_key="k", base_url=server.url, http_client=http, max_retries=0)
-            )
+        async with _client_on(server.url, own_http_client=own_http_client) as client:
             with warnings.catch_warnings(record=True) as seen:
                 warnings.simplefilter("always")
                 for round_ in range(120):

@@ -20,6 +20,8 @@ from keevx_async.testing import FakeKeevx
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    import httpx
+
 pytestmark = pytest.mark.anyio
 
 
@@ -287,17 +289,24 @@ async def test_the_schedule_forgets_tasks_resolved_by_callback() -> None:
     assert fake.get_calls == 0
 
 
+def never_entered(
+    fake: FakeKeevx, http: httpx.AsyncClient, *, reconcile_after: float
+) -> kx.AsyncKeevx:
+    """A client with a callback URL that the test never enters (``async with``)."""
+    return kx.AsyncKeevx(
+        api_key="k",
+        base_url=fake.base_url,
+        http_client=http,
+        callback_url="https://app.example.test/cb",
+        reconcile_after=reconcile_after,
+    )
+
+
 async def test_a_client_not_entered_looks_up_nothing_while_nobody_waits(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async with FakeKeevx(lose_if=is_lost) as fake, fake.http_client() as http:
-        client = kx.AsyncKeevx(
-            api_key="k",
-            base_url=fake.base_url,
-            http_client=http,
-            callback_url="https://app.example.test/cb",
-            reconcile_after=0.01,
-        )
+        client = never_entered(fake, http, reconcile_after=0.01)
         with caplog.at_level(logging.WARNING, logger="keevx_async"):
             submission = await client.submit(kx.ImageRequest("lost 1"))
             await anyio.sleep(0.1)
@@ -319,13 +328,7 @@ async def test_a_client_never_entered_recovers_lost_callbacks_while_awaited(how:
     # never looked up a lost callback, so the task timed out instead.
     requests = [kx.ImageRequest(f"lost {n}", generate_count=2) for n in range(3)]
     async with FakeKeevx(lose_if=is_lost) as fake, fake.http_client() as http:
-        client = kx.AsyncKeevx(
-            api_key="k",
-            base_url=fake.base_url,
-            http_client=http,
-            callback_url="https://app.example.test/cb",
-            reconcile_after=0.05,
-        )
+        client = never_entered(fake, http, reconcile_after=0.05)
         try:
             with anyio.fail_after(10):
                 if how == "wait":
@@ -349,13 +352,7 @@ async def test_the_next_waiter_takes_the_lookups_over() -> None:
     """Two tasks awaited in two tasks of the app: when the first waiter stops (its own
     timeout), the second drives the lookups for its task from then on."""
     async with FakeKeevx(lose_if=is_lost, complete_after=0.3) as fake, fake.http_client() as http:
-        client = kx.AsyncKeevx(
-            api_key="k",
-            base_url=fake.base_url,
-            http_client=http,
-            callback_url="https://app.example.test/cb",
-            reconcile_after=0.01,
-        )
+        client = never_entered(fake, http, reconcile_after=0.01)
         first = (await client.submit(kx.ImageRequest("lost first"))).tasks[0]
         second = (await client.submit(kx.ImageRequest("lost second"))).tasks[0]
         gave_up = anyio.Event()
