@@ -649,6 +649,7 @@ class Downloader:
     __slots__ = (
         "_directories",
         "_expired_hint",
+        "_files",
         "_http",
         "_max_retries",
         "_max_retry_wait",
@@ -671,6 +672,9 @@ class Downloader:
         self._owns_http = owns_http
         self.max_downloads = max_downloads
         self._slots = anyio.Semaphore(max_downloads)
+        # A file from its request to its rename; at most twice the connections, so a
+        # slow disk never has more bodies waiting for it than that.
+        self._files = anyio.Semaphore(2 * max_downloads)
         # Destinations made (or found) to be directories by a download before.
         self._directories: set[Path] = set()
         self._max_retries = max_retries
@@ -723,30 +727,20 @@ class Downloader:
         place = functools.partial(
             _place, dest, url, stem, overwrite=overwrite, as_directory=as_directory
         )
-        # A destination found to be a directory before is one still: no thread call to
-        # make it again, only a stat for an existing file.
         placement: _Placement | None = None
         for attempt in itertools.count():
-            # Everything a download does on a worker thread is under its slot too: ten
-            # thousand tasks finishing at once never become ten thousand thread calls.
-            async with self._slots:
-                if placement is None:
-                    try:
-                        if Path(dest) in self._directories:
-                            placement = place(as_directory=True, make_directory=False)
-                        else:
-                            placement = await anyio.to_thread.run_sync(place)
-                            if placement.directory == Path(dest):
-                                self._directories.add(placement.directory)
-                    except OSError as exc:
-                        raise DownloadError(
-                            f"cannot save {shown(url)} to {os.fspath(dest)!r}: {exc}",
-                            url=url,
-                            result=result,
-                        ) from exc
-                    if placement.existing is not None:
-                        return placement.existing
-                outcome = await self._fetch(url, placement, kinds)
+            # A connection slot while the body is received, and a file slot from the
+            # request to the rename: the next transfer starts while this file is written
+            # out (an fsync takes as long as a transfer). Every thread call is under one
+            # of them: ten thousand tasks finishing at once never become ten thousand
+            # thread calls.
+            async with self._files:
+                async with self._slots:
+                    if placement is None:
+                        placement = await self._place(dest, url, place, result)
+                        if placement.existing is not None:
+                            return placement.existing
+                    outcome = await self._fetch(url, placement, kinds)
                 if isinstance(outcome, _PartFile):
                     return await self._commit(outcome, url, result, overwrite=overwrite)
             wait = (
@@ -769,6 +763,30 @@ class Downloader:
             )  # fmt: skip
             await anyio.sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _place(
+        self,
+        dest: str | os.PathLike[str],
+        url: str,
+        place: functools.partial[_Placement],
+        result: ImageResult | None,
+    ) -> _Placement:
+        """Where ``url`` goes (see `_place`): on a worker thread, but for a destination
+        found to be a directory before, which is one still: no thread call to make it
+        again, only a ``stat`` for an existing file."""
+        try:
+            if Path(dest) in self._directories:
+                return place(as_directory=True, make_directory=False)
+            placement = await anyio.to_thread.run_sync(place)
+        except OSError as exc:
+            raise DownloadError(
+                f"cannot save {shown(url)} to {os.fspath(dest)!r}: {exc}",
+                url=url,
+                result=result,
+            ) from exc
+        if placement.directory == Path(dest):
+            self._directories.add(placement.directory)
+        return placement
 
     def _error(
         self, url: str, failure: _Failure, attempts: int, result: ImageResult | None
