@@ -928,6 +928,8 @@ async def test_a_slow_file_host_does_not_stall_the_fan_out(tmp_path: Path) -> No
             # Every request is submitted and finished while no file is saved yet.
             await fake.wait_for_submits(len(requests))
             await fake.wait_for_callbacks(len(requests))
+            # The first downloads make the directory on a worker thread first.
+            await fake.wait_for_file_requests(2)
             await anyio.wait_all_tasks_blocked()
             assert batch.submitted == len(requests)
             assert batch.in_flight == 0
