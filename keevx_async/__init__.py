@@ -36,7 +36,15 @@ from ._exceptions import (
     TransportError,
     UnknownTaskError,
 )
-from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot, UploadedFile
+from ._kinds import VideoRequest, VideoResult
+from ._models import (
+    CallbackOutcome,
+    ImageRequest,
+    ImageResult,
+    TaskRequest,
+    TaskSnapshot,
+    UploadedFile,
+)
 from ._redact import CallbackTokenFilter, redact_callback_tokens
 from ._redis import RedisRouter
 from ._router import CallbackRouter, LocalRouter, RouterHost, TaskRecord
@@ -80,11 +88,14 @@ __all__ = [
     "TaskFailedError",
     "TaskPendingError",
     "TaskRecord",
+    "TaskRequest",
     "TaskSnapshot",
     "TaskTimeoutError",
     "TransportError",
     "UnknownTaskError",
     "UploadedFile",
+    "VideoRequest",
+    "VideoResult",
     "__version__",
     "redact_callback_tokens",
 ]

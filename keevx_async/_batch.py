@@ -20,7 +20,8 @@ import anyio.abc
 
 from ._checks import check_int, check_seconds
 from ._exceptions import DownloadError, KeevxError, TaskTimeoutError
-from ._models import ImageRequest, ImageResult
+from ._kinds import is_request
+from ._models import ImageRequest
 from ._task import LookupDriver, Submission, Task
 from ._taskgroups import enter_task_group, exit_task_group
 
@@ -31,13 +32,15 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
+    from ._kinds import AnyRequest, AnyResult
+
 __all__ = ["DEFAULT_MAX_PENDING", "Batch", "as_request", "collect_aligned"]
 
 DEFAULT_MAX_PENDING: Final = 10_000
 
 _T = TypeVar("_T")
 
-RequestSource = Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str]
+RequestSource = Iterable["AnyRequest | str"] | AsyncIterable["AnyRequest | str"]
 
 
 async def _aiterate(source: Iterable[_T] | AsyncIterable[_T]) -> AsyncGenerator[_T, None]:
@@ -49,14 +52,15 @@ async def _aiterate(source: Iterable[_T] | AsyncIterable[_T]) -> AsyncGenerator[
             yield item
 
 
-def as_request(item: object, position: int) -> ImageRequest:
-    """An item of a batch's input as a request: an ImageRequest, or a prompt string."""
-    if isinstance(item, ImageRequest):
-        return item
+def as_request(item: object, position: int) -> AnyRequest:
+    """An item of a batch's input as a request: a request of any kind (an ImageRequest,
+    a VideoRequest), or a prompt string (an ImageRequest with defaults)."""
+    if is_request(item):
+        return item  # type: ignore[return-value] # a request of a known kind
     if isinstance(item, str):
         return ImageRequest(item)
     raise TypeError(
-        f"requests[{position}] must be an ImageRequest or a prompt string; "
+        f"requests[{position}] must be an ImageRequest, a VideoRequest or a prompt string; "
         f"got {type(item).__name__}"
     )
 
@@ -100,13 +104,13 @@ class Batch:
         self,
         requests: RequestSource,
         *,
-        submit: Callable[[ImageRequest], Awaitable[Submission]],
+        submit: Callable[[AnyRequest], Awaitable[Submission]],
         abandon: Callable[[Task], None],
         lookups: LookupDriver | None = None,
         concurrency: int,
         timeout: float | None,
         max_pending: int = DEFAULT_MAX_PENDING,
-        save: Callable[[ImageResult], Awaitable[ImageResult]] | None = None,
+        save: Callable[[AnyResult], Awaitable[AnyResult]] | None = None,
         savers: int = 1,
     ) -> None:
         timeout = check_seconds("timeout", timeout, none_ok=True)
@@ -255,7 +259,7 @@ class Batch:
             self._savers += 1
             self._task_group.start_soon(self._saver, self._save)
 
-    async def _saver(self, save: Callable[[ImageResult], Awaitable[ImageResult]]) -> None:
+    async def _saver(self, save: Callable[[AnyResult], Awaitable[AnyResult]]) -> None:
         try:
             while self._to_save:
                 task = self._to_save.popleft()
@@ -298,9 +302,7 @@ class Batch:
             self._input_done = True
             self._wake()
 
-    async def _submit_one(
-        self, request: ImageRequest, position: int, slots: anyio.Semaphore
-    ) -> None:
+    async def _submit_one(self, request: AnyRequest, position: int, slots: anyio.Semaphore) -> None:
         try:
             submission = await self._submit(request)
         except Exception as exc:  # reported as this request's error, below
@@ -339,19 +341,19 @@ class Batch:
 
     async def _save_one(
         self,
-        save: Callable[[ImageResult], Awaitable[ImageResult]],
+        save: Callable[[AnyResult], Awaitable[AnyResult]],
         task: Task,
-        result: ImageResult,
+        result: AnyResult,
     ) -> None:
         try:
             saved = await save(result)
         except Exception as exc:  # the task's error, below
             if not isinstance(exc, DownloadError):
                 # A bug: still this task's error, with its result kept.
-                logger.exception("saving the image of task %s failed unexpectedly", task.task_id)
+                logger.exception("saving the file of task %s failed unexpectedly", task.task_id)
                 error = DownloadError(
-                    f"saving the image failed unexpectedly: {exc!r}",
-                    url=result.image_url,
+                    f"saving the file failed unexpectedly: {exc!r}",
+                    url=result.url,
                     result=result,
                 )
                 error.__cause__ = exc
@@ -398,12 +400,12 @@ class Batch:
             )
 
 
-async def collect_aligned(batch: Batch) -> list[list[ImageResult | KeevxError]]:
+async def collect_aligned(batch: Batch) -> list[list[AnyResult | KeevxError]]:
     """Drain ``batch`` into a list aligned with its input (see ``generate_many``)."""
-    by_position: dict[int, list[tuple[int, ImageResult | KeevxError]]] = {}
+    by_position: dict[int, list[tuple[int, AnyResult | KeevxError]]] = {}
     async for task in batch:
         error = task.exception()
-        outcome: ImageResult | KeevxError = task.result() if error is None else error
+        outcome: AnyResult | KeevxError = task.result() if error is None else error
         assert task.position is not None  # set by the batch for every task it yields
         by_position.setdefault(task.position, []).append((task.index, outcome))
     return [

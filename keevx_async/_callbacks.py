@@ -37,7 +37,8 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping, Sequence
     from typing import Any
 
-    from ._models import ImageRequest, TaskSnapshot
+    from ._kinds import AnyRequest
+    from ._models import TaskSnapshot
     from ._registry import TaskRegistry
     from ._router import CallbackRouter
     from ._stats import Counters
@@ -136,7 +137,7 @@ class CallbackIntake:
         if self._shares:
             await self.router.claim(tasks)
 
-    async def reattach(self, task_id: str, request: ImageRequest | None) -> Task:
+    async def reattach(self, task_id: str, request: AnyRequest | None) -> Task:
         """The task with this ID, waiting here: known, recorded by the router, or made
         from ``request`` (see ``client.task``).
 
@@ -281,7 +282,7 @@ class CallbackIntake:
     def settle_lookup(self, task_id: str, snapshot: TaskSnapshot) -> None:
         """Resolve a waiting task from a finished snapshot of it (a lookup made with our
         API key needs no token); anything else changes nothing."""
-        finished = snapshot.done and (snapshot.status != FINISHED_OK or snapshot.image_url)
+        finished = snapshot.done and (snapshot.status != FINISHED_OK or snapshot.url)
         # Only a task this client waits for is resolved; others are not buffered.
         task = self.registry.get(task_id) if finished and snapshot.task_id == task_id else None
         if task is None:
@@ -291,6 +292,7 @@ class CallbackIntake:
             status=snapshot.status,
             image_url=snapshot.image_url,
             error_message=snapshot.error_message,
+            task_type=snapshot.task_type,
             raw=snapshot.raw,
         )
         if not self.registry.settle(task, payload):

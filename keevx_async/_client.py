@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast, overload
 from urllib.parse import quote, urlsplit
 
 if sys.version_info < (3, 11):  # pragma: no cover (the builtin from 3.11 on)
@@ -33,17 +33,17 @@ from ._exceptions import (
     KeevxError,
 )
 from ._files import (
-    IMAGE_KINDS,
     MEDIA_KINDS,
     Downloader,
     Uploader,
     build_download_client,
 )
 from ._http import HTTPEngine, build_http_client, read_envelope
+from ._kinds import KINDS, Kind, VideoRequest, kind_of, kind_of_result, kind_of_task_id
 from ._models import (
     CallbackOutcome,
     ImageRequest,
-    ImageResult,
+    TaskRequest,
     TaskSnapshot,
     UploadedFile,
     check_http_url,
@@ -72,7 +72,6 @@ from ._wire import (
     WireFormatError,
     decode_snapshot,
     decode_task_ids,
-    encode_request,
 )
 
 if TYPE_CHECKING:
@@ -82,6 +81,8 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
     from typing_extensions import Self
 
+    from ._kinds import AnyRequest, AnyResult, VideoResult
+    from ._models import ImageResult
     from ._types import CallbackTokenIn
 
 __all__ = ["DEFAULT_BASE_URL", "AsyncKeevx"]
@@ -90,7 +91,6 @@ logger = logging.getLogger("keevx_async")
 
 DEFAULT_BASE_URL: Final = "https://api.keevx.cn"
 """The mainland service, the default. The international one is ``https://api.keevx.com``."""
-_SUBMIT_PATH: Final = "/v1/image_generate"
 
 
 def _secret_from_env() -> list[str] | None:
@@ -273,7 +273,8 @@ class AsyncKeevx:
             max_retry_wait=self.max_retry_wait,
             counters=self._counters,
         )
-        self._submit_url = self._engine.url(_SUBMIT_PATH)
+        # Each kind's submit URL (its tasks are looked up under it).
+        self._submit_urls = {kind.name: self._engine.url(kind.submit_path) for kind in KINDS}
         self._uploader = Uploader(self._engine, max_uploads=max_uploads)
         self._downloader = Downloader(
             download_client or build_download_client(max_downloads, http_timeout),
@@ -451,12 +452,24 @@ class AsyncKeevx:
 
     # --- submitting -------------------------------------------------------------------
 
-    async def submit(self, request: ImageRequest) -> Submission:
+    @overload
+    async def submit(self, request: ImageRequest) -> Submission[ImageResult]: ...
+    @overload
+    async def submit(self, request: VideoRequest) -> Submission[VideoResult]: ...
+    @overload
+    async def submit(self, request: TaskRequest) -> Submission[AnyResult]: ...
+    async def submit(self, request: TaskRequest) -> Submission[Any]:
         """Submit one request: one HTTP call, under the client's concurrency limit.
 
-        Local files among its ``reference_images`` are uploaded first, each distinct
-        content once per client (see `upload`); the body sent has URLs only, and the
-        submission, its tasks and their results keep ``request`` as given.
+        An [`ImageRequest`][keevx_async.ImageRequest] goes to the image endpoint, a
+        [`VideoRequest`][keevx_async.VideoRequest] to the image-to-video endpoint; their
+        tasks are alike, resolved by the same callbacks and lookups, and give an
+        [`ImageResult`][keevx_async.ImageResult] or a
+        [`VideoResult`][keevx_async.VideoResult].
+
+        Local files among its images are uploaded first, each distinct content once per
+        client (see `upload`); the body sent has URLs only, and the submission, its tasks
+        and their results keep ``request`` as given.
 
         Returns a [`Submission`][keevx_async.Submission] whose tasks resolve as their callbacks
         arrive.
@@ -468,10 +481,15 @@ class AsyncKeevx:
             TransportError: the exchange failed (``maybe_created`` likewise).
             InvalidRequestError: a local reference file changed since the request was
                 built and no longer passes the rules.
-            TypeError: ``request`` is not an [`ImageRequest`][keevx_async.ImageRequest].
+            TypeError: ``request`` is no request (of a kind this SDK knows).
         """
-        if not isinstance(request, ImageRequest):
-            raise TypeError(f"submit() takes an ImageRequest; got {type(request).__name__}")
+        try:
+            kind = kind_of(request)
+        except TypeError as exc:
+            raise TypeError(f"submit() {exc}") from None
+        return await self._submit(kind, cast("AnyRequest", request))
+
+    async def _submit(self, kind: Kind, request: AnyRequest) -> Submission[Any]:
         self._check_open()
         callback_url = request.callback_url or self.callback_url
         submission_id: str | None = None
@@ -483,13 +501,19 @@ class AsyncKeevx:
                 self._warn_unreachable(callback_url)
             submission_id, callback_url = self._callbacks.issue(callback_url)
         try:
-            reference_urls = None
-            if any(is_local(image) for image in request.reference_images):
-                reference_urls = await self._uploader.reference_urls(request)
-            body = encode_request(request, callback_url, reference_urls)
+            image_urls = None
+            images = kind.images(request)
+            if any(is_local(image) for _, image in images):
+                image_urls = await self._uploader.image_urls(request, images)
+            body = kind.encode(request, callback_url, image_urls)
             async with self._limiter:
                 response = await self._engine.send(
-                    "POST", self._submit_url, body, retry_safe=False, paced=True, request=request
+                    "POST",
+                    self._submit_urls[kind.name],
+                    body,
+                    retry_safe=False,
+                    paced=True,
+                    request=request,
                 )
             task_ids = _read_task_ids(response, request)
         except KeevxError:
@@ -506,16 +530,28 @@ class AsyncKeevx:
         self._counters.tasks_created += len(tasks)
         return Submission(request=request, task_ids=task_ids, tasks=tasks)
 
+    @overload
     async def generate(
         self, request: ImageRequest, *, timeout: float | None = None
-    ) -> list[ImageResult]:
+    ) -> list[ImageResult]: ...
+    @overload
+    async def generate(
+        self, request: VideoRequest, *, timeout: float | None = None
+    ) -> list[VideoResult]: ...
+    @overload
+    async def generate(
+        self, request: TaskRequest, *, timeout: float | None = None
+    ) -> list[AnyResult]: ...
+    async def generate(self, request: TaskRequest, *, timeout: float | None = None) -> list[Any]:
         """Submit ``request`` and wait for every task of it.
 
         Args:
             timeout: the most seconds to wait for the tasks after the submit reply.
 
         Returns:
-            one [`ImageResult`][keevx_async.ImageResult] per task, in task order.
+            one result per task, in task order: an
+            [`ImageResult`][keevx_async.ImageResult] each for an image request, a
+            [`VideoResult`][keevx_async.VideoResult] each for a video request.
 
         Raises:
             TaskFailedError: the first task error, as soon as it is known.
@@ -533,7 +569,7 @@ class AsyncKeevx:
 
     def batch(
         self,
-        requests: Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str],
+        requests: Iterable[AnyRequest | str] | AsyncIterable[AnyRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
@@ -551,12 +587,14 @@ class AsyncKeevx:
                     print(task.request.prompt, task.result().image_url)
         ```
 
-        ``requests`` (an iterable or async iterable of [`ImageRequest`][keevx_async.ImageRequest],
-        or of prompt
-        strings) is read lazily, as submit slots free up. ``async for task in batch``
-        yields every [`Task`][keevx_async.Task] as it finishes, in completion order; a request whose
-        submit failed yields one task with ``task_id=None`` whose ``result()`` raises the
-        submission error. Leaving the block cancels what is unfinished.
+        ``requests`` (an iterable or async iterable of requests,
+        [`ImageRequest`][keevx_async.ImageRequest] and
+        [`VideoRequest`][keevx_async.VideoRequest] mixed as you like, or of prompt strings,
+        each an image request with defaults) is read lazily, as submit slots free up.
+        ``async for task in batch`` yields every [`Task`][keevx_async.Task] as it
+        finishes, in completion order; a request whose submit failed yields one task
+        with ``task_id=None`` whose ``result()`` raises the submission error. Leaving the
+        block cancels what is unfinished.
 
         Args:
             concurrency: submits in flight for this batch (never more than the client's
@@ -587,7 +625,7 @@ class AsyncKeevx:
             directory = _download_directory(download_to)
             downloader = self._downloader
 
-            async def save(result: ImageResult) -> ImageResult:
+            async def save(result: AnyResult) -> AnyResult:
                 return await downloader.save_result(directory, result)
 
         return Batch(
@@ -602,6 +640,7 @@ class AsyncKeevx:
             savers=self._downloader.max_downloads,
         )
 
+    @overload
     async def generate_many(
         self,
         requests: Iterable[ImageRequest | str] | AsyncIterable[ImageRequest | str],
@@ -609,7 +648,24 @@ class AsyncKeevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
-    ) -> list[list[ImageResult | KeevxError]]:
+    ) -> list[list[ImageResult | KeevxError]]: ...
+    @overload
+    async def generate_many(
+        self,
+        requests: Iterable[AnyRequest | str] | AsyncIterable[AnyRequest | str],
+        *,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+        download_to: str | os.PathLike[str] | None = None,
+    ) -> list[list[AnyResult | KeevxError]]: ...
+    async def generate_many(
+        self,
+        requests: Iterable[AnyRequest | str] | AsyncIterable[AnyRequest | str],
+        *,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+        download_to: str | os.PathLike[str] | None = None,
+    ) -> list[list[Any]]:
         """Submit every request and wait for all; a list in, a list out.
 
         Returns a list aligned with ``requests``: for each, the results in task order,
@@ -685,7 +741,7 @@ class AsyncKeevx:
 
     async def download(
         self,
-        result_or_url: ImageResult | str,
+        result_or_url: AnyResult | str,
         dest: str | os.PathLike[str],
         *,
         overwrite: bool = False,
@@ -709,8 +765,10 @@ class AsyncKeevx:
         ``download_client``, never with the API key or any header of the API's.
 
         Args:
-            result_or_url: an [`ImageResult`][keevx_async.ImageResult], or a file's
-                absolute http(s) URL.
+            result_or_url: an [`ImageResult`][keevx_async.ImageResult] or a
+                [`VideoResult`][keevx_async.VideoResult] (its file must come as
+                ``image/*`` or ``video/*`` respectively; a video's default extension is
+                ``.mp4``), or a file's absolute http(s) URL.
             dest: a directory (an existing one, a ``str`` ending with ``/``, or a path
                 whose name has no extension; created if missing), where the file is named
                 ``{task_id}{ext}`` (for a URL: its own file name), ``ext`` from the URL,
@@ -727,18 +785,20 @@ class AsyncKeevx:
         self._check_open()
         overwrite = check_bool("overwrite", overwrite)
         _check_dest("dest", dest)
-        if isinstance(result_or_url, ImageResult):
+        kind = kind_of_result(result_or_url)
+        if kind is not None:
+            result: AnyResult = result_or_url  # type: ignore[assignment] # a result
             return await self._downloader.download(
-                result_or_url.image_url,
+                result.url,
                 dest,
-                stem=result_or_url.task_id,
-                kinds=IMAGE_KINDS,
+                stem=result.task_id,
+                kinds=kind.media_types,
                 overwrite=overwrite,
-                result=result_or_url,
+                result=result,
             )
         if not isinstance(result_or_url, str):
             raise TypeError(
-                "download() takes an ImageResult or a URL string; "
+                "download() takes an ImageResult, a VideoResult or a URL string; "
                 f"got {type(result_or_url).__name__}"
             )
         url = check_http_url(result_or_url, "url")
@@ -752,7 +812,9 @@ class AsyncKeevx:
         """Look up one task's state with the GET endpoint (safe to retry, no side effects).
 
         A finished snapshot of a task this client is waiting for resolves that task,
-        exactly as its callback would.
+        exactly as its callback would. The task is looked up at the endpoint of its kind:
+        the kind of the task this client knows by that ID, else the one its ID's prefix
+        tells (``i2v-``: a video; ``i2is-`` or any other: an image).
 
         Raises:
             APIError: the service answered with an error (``code`` 110002: not found).
@@ -760,13 +822,14 @@ class AsyncKeevx:
         """
         _check_task_id(task_id)
         self._check_open()
-        url = f"{self._submit_url}/{quote(task_id, safe='')}"
+        kind = self._kind_of_task(task_id)
+        url = f"{self._submit_urls[kind.name]}/{quote(task_id, safe='')}"
         response = await self._engine.send(
             "GET", url, None, retry_safe=True, paced=False, task_id=task_id
         )
         envelope = read_envelope(response, task_id=task_id, maybe_created=False)
         try:
-            snapshot = decode_snapshot(envelope.data)
+            snapshot = decode_snapshot(envelope.data, kind.url_field, kind.task_type)
         except WireFormatError as exc:
             raise APIError(
                 f"unreadable task reply: {exc}",
@@ -778,7 +841,12 @@ class AsyncKeevx:
         self._callbacks.settle_lookup(task_id, snapshot)
         return snapshot
 
-    async def task(self, task_id: str, *, request: ImageRequest | None = None) -> Task:
+    def _kind_of_task(self, task_id: str) -> Kind:
+        """The kind of the task this client knows by that ID, else by the ID's prefix."""
+        task = self._callbacks.registry.get(task_id)
+        return kind_of_task_id(task_id) if task is None else kind_of(task.request)
+
+    async def task(self, task_id: str, *, request: AnyRequest | None = None) -> Task:
         """The [`Task`][keevx_async.Task] with this ID: re-attach to a task by its ID.
 
         A task this client waits for is returned as it is. Otherwise the router is asked
@@ -803,8 +871,11 @@ class AsyncKeevx:
             RouterError: the router's store could not be read.
         """
         _check_task_id(task_id)
-        if request is not None and not isinstance(request, ImageRequest):
-            raise TypeError(f"request must be an ImageRequest; got {type(request).__name__}")
+        if request is not None:
+            try:
+                kind_of(request)
+            except TypeError as exc:
+                raise TypeError(f"request: {exc}") from None
         self._check_open()
         task = await self._callbacks.reattach(task_id, request)
         if not task.done() and self._reconciler is not None:
@@ -973,7 +1044,7 @@ def _download_directory(download_to: object) -> Path:
     return directory
 
 
-def _read_task_ids(response: httpx.Response, request: ImageRequest) -> tuple[str, ...]:
+def _read_task_ids(response: httpx.Response, request: AnyRequest) -> tuple[str, ...]:
     """The task IDs of a submit reply; an unreadable reply may hide created tasks."""
     envelope = read_envelope(response, request=request, maybe_created=True)
     try:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import httpx
 
-    from ._models import ImageRequest, ImageResult
+    from ._kinds import AnyRequest, AnyResult
 
 __all__ = [
     "APIError",
@@ -95,7 +95,7 @@ class APIError(KeevxError):
         *,
         code: int | None = None,
         status_code: int | None = None,
-        request: ImageRequest | None = None,
+        request: AnyRequest | None = None,
         task_id: str | None = None,
         response: httpx.Response | None = None,
         maybe_created: bool = False,
@@ -160,7 +160,7 @@ class TransportError(KeevxError, ConnectionError):
         self,
         message: str,
         *,
-        request: ImageRequest | None = None,
+        request: AnyRequest | None = None,
         task_id: str | None = None,
         maybe_created: bool = False,
     ) -> None:
@@ -191,7 +191,7 @@ class TaskFailedError(KeevxError):
         task_id: str,
         status: str,
         error_message: str,
-        request: ImageRequest | None = None,
+        request: AnyRequest | None = None,
     ) -> None:
         self.task_id = task_id
         self.status = status
@@ -211,7 +211,7 @@ class TaskTimeoutError(KeevxError, TimeoutError):
     """
 
     def __init__(
-        self, *, task_id: str | None, timeout: float, request: ImageRequest | None = None
+        self, *, task_id: str | None, timeout: float, request: AnyRequest | None = None
     ) -> None:
         self.task_id = task_id
         self.timeout = timeout
@@ -231,7 +231,7 @@ class ClientClosedError(KeevxError):
     is closed from another thread ends with it too, with ``task_id`` ``None``.
     """
 
-    def __init__(self, *, task_id: str | None, request: ImageRequest | None = None) -> None:
+    def __init__(self, *, task_id: str | None, request: AnyRequest | None = None) -> None:
         self.task_id = task_id
         self.request = request
         if task_id is None:
@@ -315,7 +315,7 @@ class DownloadError(KeevxError):
         *,
         url: str,
         status_code: int | None = None,
-        result: ImageResult | None = None,
+        result: AnyResult | None = None,
     ) -> None:
         self.url = url
         self.status_code = status_code

@@ -55,6 +55,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._hints import Hint
+from ._kinds import kind_of_result
 from ._models import (
     UploadedFile,
     check_image_size,
@@ -66,10 +67,11 @@ from ._types import IMAGE_CONTENT_TYPES
 from ._wire import WireFormatError, decode_upload_envelope, decode_upload_reply
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Awaitable, Callable
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 
     from ._http import HTTPEngine
-    from ._models import ImageRequest, ImageResult
+    from ._kinds import AnyRequest, AnyResult
+    from ._models import ReferenceImage
 
 __all__ = [
     "IMAGE_KINDS",
@@ -251,7 +253,7 @@ class _InFlight:
     error: APIError | TransportError | None = None
 
 
-def _failed_upload(error: KeevxError, what: str, request: ImageRequest | None) -> KeevxError:
+def _failed_upload(error: KeevxError, what: str, request: AnyRequest | None) -> KeevxError:
     """An upload's error (the HTTP engine raises an ``APIError`` or a ``TransportError``),
     said of ``what`` and ``request``; ``maybe_created`` false: nothing was submitted."""
     if isinstance(error, APIError):
@@ -287,8 +289,11 @@ class Uploader:
         # A file's identity -> its SHA-256, so a file seen before is not read again.
         self._digests: OrderedDict[_FileIdentity, str] = OrderedDict()
 
-    async def reference_urls(self, request: ImageRequest) -> tuple[str, ...]:
-        """The request's reference images as URLs, its local files uploaded.
+    async def image_urls(
+        self, request: AnyRequest, images: Sequence[tuple[str, ReferenceImage]]
+    ) -> tuple[str, ...]:
+        """A request's input images (each with the field holding it) as URLs, its local
+        files uploaded.
 
         Raises:
             InvalidRequestError: a local file no longer passes the rules (it changed).
@@ -296,13 +301,12 @@ class Uploader:
                 was submitted).
         """
         urls = []
-        for position, image in enumerate(request.reference_images):
+        for field, image in images:
             if not is_local(image):
                 assert isinstance(image, str)
                 urls.append(image)
                 continue
             assert isinstance(image, os.PathLike)  # checked when the request was built
-            field = f"reference_images[{position}]"
             name = local_name(image)
             uploaded = await self.upload_path(name, field, f"{field} ({Path(name).name})", request)
             urls.append(uploaded.url)
@@ -313,7 +317,7 @@ class Uploader:
         name: str,
         field: str,
         what: str,
-        request: ImageRequest | None = None,
+        request: AnyRequest | None = None,
         filename: str | None = None,
     ) -> UploadedFile:
         """Upload the file at ``name`` (as ``filename``, default its own name) unless its
@@ -337,7 +341,7 @@ class Uploader:
         key: tuple[str, str],
         work: Callable[[], Awaitable[UploadedFile]],
         what: str,
-        request: ImageRequest | None,
+        request: AnyRequest | None,
     ) -> UploadedFile:
         """``work()``, or the same work under way for ``key``, awaited; an upload's error
         said of ``what`` and ``request`` (``maybe_created`` false: nothing was submitted)."""
@@ -439,6 +443,12 @@ def _read_upload_reply(response: httpx.Response) -> UploadedFile:
 
 
 # --- downloads ---------------------------------------------------------------------------
+
+
+def _media_types(result: AnyResult) -> tuple[str, ...]:
+    """The ``Content-Type`` prefixes a result's file may have (``image/`` for an image)."""
+    kind = kind_of_result(result)
+    return IMAGE_KINDS if kind is None else kind.media_types
 
 
 def build_download_client(max_downloads: int, timeout: httpx.Timeout) -> httpx.AsyncClient:
@@ -694,14 +704,15 @@ class Downloader:
             with anyio.CancelScope(shield=True):
                 await self._http.aclose()
 
-    async def save_result(self, directory: Path, result: ImageResult) -> ImageResult:
-        """Download ``result``'s image into ``directory`` as ``{task_id}{ext}``; the
-        result with its ``path`` set (an existing file is kept, not fetched again)."""
+    async def save_result(self, directory: Path, result: AnyResult) -> AnyResult:
+        """Download ``result``'s file (an image, a video) into ``directory`` as
+        ``{task_id}{ext}``; the result with its ``path`` set (an existing file is kept,
+        not fetched again)."""
         path = await self.download(
-            result.image_url,
+            result.url,
             directory,
             stem=result.task_id,
-            kinds=IMAGE_KINDS,
+            kinds=_media_types(result),
             overwrite=False,
             as_directory=True,
             result=result,
@@ -717,7 +728,7 @@ class Downloader:
         kinds: tuple[str, ...],
         overwrite: bool,
         as_directory: bool = False,
-        result: ImageResult | None = None,
+        result: AnyResult | None = None,
     ) -> Path:
         """Download ``url`` to ``dest``; the path of the file written (or found).
 
@@ -769,7 +780,7 @@ class Downloader:
         dest: str | os.PathLike[str],
         url: str,
         place: functools.partial[_Placement],
-        result: ImageResult | None,
+        result: AnyResult | None,
     ) -> _Placement:
         """Where ``url`` goes (see `_place`): on a worker thread, but for a destination
         found to be a directory before, which is one still: no thread call to make it
@@ -789,7 +800,7 @@ class Downloader:
         return placement
 
     def _error(
-        self, url: str, failure: _Failure, attempts: int, result: ImageResult | None
+        self, url: str, failure: _Failure, attempts: int, result: AnyResult | None
     ) -> DownloadError:
         if failure.expired:
             assert failure.status_code is not None
@@ -806,7 +817,7 @@ class Downloader:
         return DownloadError(message, url=url, status_code=failure.status_code, result=result)
 
     async def _commit(
-        self, part: _PartFile, url: str, result: ImageResult | None, *, overwrite: bool
+        self, part: _PartFile, url: str, result: AnyResult | None, *, overwrite: bool
     ) -> Path:
         """Put a received file in place (worker thread); its path."""
         try:

@@ -44,7 +44,7 @@ from ._version import __version__
 from ._wire import Envelope, WireFormatError, decode_envelope
 
 if TYPE_CHECKING:
-    from ._models import ImageRequest
+    from ._kinds import AnyRequest
     from ._stats import Counters
 
 __all__ = [
@@ -263,7 +263,7 @@ class HTTPEngine:
         *,
         retry_safe: bool,
         paced: bool,
-        request: ImageRequest | None = None,
+        request: AnyRequest | None = None,
         task_id: str | None = None,
         content_type: str | None = None,
     ) -> httpx.Response:
@@ -392,7 +392,7 @@ class HTTPEngine:
         # Ambiguous like any read timeout: the request may have reached the service.
         raise httpx.ReadTimeout(f"the attempt took longer than {deadline:g} s (timeout)")
 
-    def _check_pause(self, request: ImageRequest | None, task_id: str | None) -> None:
+    def _check_pause(self, request: AnyRequest | None, task_id: str | None) -> None:
         paused_for = self._throttle.paused_for
         if paused_for > self.max_retry_wait:
             # The service asked the whole client to wait longer than we may sleep.
@@ -408,7 +408,7 @@ class HTTPEngine:
 def read_envelope(
     response: httpx.Response,
     *,
-    request: ImageRequest | None = None,
+    request: AnyRequest | None = None,
     task_id: str | None = None,
     maybe_created: bool,
 ) -> Envelope:
@@ -448,7 +448,7 @@ def read_envelope(
 
 def status_error(
     response: httpx.Response,
-    request: ImageRequest | None,
+    request: AnyRequest | None,
     task_id: str | None,
     *,
     maybe_created: bool,

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -43,6 +43,7 @@ __all__ = [
     "ImageRequest",
     "ImageResult",
     "ReferenceImage",
+    "TaskRequest",
     "TaskSnapshot",
     "UploadedFile",
     "check_local_image",
@@ -260,15 +261,7 @@ def check_local_image(path: object, field: str) -> str:
 
 
 def _to_reference_images(value: object) -> tuple[ReferenceImage, ...]:
-    # A bare string is iterable too; refusing it avoids five one-letter "URLs". A single
-    # path object is refused likewise (a pathlib.Path is not iterable, but say why).
-    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Iterable):
-        raise InvalidRequestError(
-            "reference_images must be a list of URL strings or local paths; "
-            f"got {type(value).__name__}",
-            field="reference_images",
-        )
-    return tuple(value)
+    return to_images(value, "reference_images")
 
 
 def _check_reference_images(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -280,16 +273,7 @@ def _check_reference_images(_: object, attribute: attrs.Attribute[Any], value: o
             field="reference_images",
         )
     for position, image in enumerate(value):
-        field = f"reference_images[{position}]"
-        if is_local(image):
-            check_local_image(image, field)
-            continue
-        check_http_url(image, field)
-        last_segment = urlsplit(image).path.rsplit("/", 1)[-1]
-        if "." in last_segment:
-            extension = last_segment.rsplit(".", 1)[-1].lower()
-            if extension not in IMAGE_EXTENSIONS:
-                raise _extension_error(field, extension, image)
+        check_image(image, f"reference_images[{position}]")
 
 
 def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -297,11 +281,80 @@ def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: objec
         check_http_url(value, "callback_url")
 
 
+MAX_CUSTOM_ID_LENGTH = 256
+
+
+def check_custom_id(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """``custom_id``: ``None``, or a string of 1..256 characters UTF-8 can encode."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InvalidRequestError(
+            f"custom_id must be a string; got {type(value).__name__}", field="custom_id"
+        )
+    if not 1 <= len(value) <= MAX_CUSTOM_ID_LENGTH:
+        raise InvalidRequestError(
+            f"custom_id must be 1..{MAX_CUSTOM_ID_LENGTH} characters; got {len(value)}",
+            field="custom_id",
+        )
+    check_text(value, "custom_id")
+
+
+def check_image(image: object, field: str) -> None:
+    """Check one input image: a local file (a path object, see `check_local_image`), or
+    an absolute http(s) URL whose file name, when it has an extension, has an allowed one."""
+    if is_local(image):
+        check_local_image(image, field)
+        return
+    check_http_url(image, field)
+    assert isinstance(image, str)
+    last_segment = urlsplit(image).path.rsplit("/", 1)[-1]
+    if "." in last_segment:
+        extension = last_segment.rsplit(".", 1)[-1].lower()
+        if extension not in IMAGE_EXTENSIONS:
+            raise _extension_error(field, extension, image)
+
+
+def to_images(value: object, field: str) -> tuple[ReferenceImage, ...]:
+    """A list of input images as a tuple; a lone string or path is refused naming
+    ``field`` (a string is iterable too: it would make one-letter "URLs")."""
+    if isinstance(value, (str, bytes, os.PathLike)) or not isinstance(value, Iterable):
+        raise InvalidRequestError(
+            f"{field} must be a list of URL strings or local paths; got {type(value).__name__}",
+            field=field,
+        )
+    return tuple(value)
+
+
 # --- models ------------------------------------------------------------------------------
 
 
+class TaskRequest:
+    """What every request kind has: a prompt, where to call back, the caller's own ID.
+
+    The base of [`ImageRequest`][keevx_async.ImageRequest] and
+    [`VideoRequest`][keevx_async.VideoRequest], for typing code that takes either (each
+    declares these fields itself, so that they keep their places in its signature).
+
+    Attributes:
+        prompt: what to generate.
+        callback_url: where the service calls back for this request (``None``: the
+            client's).
+        custom_id: the caller's own identifier of the request (a CSV row's ID, say):
+            1..256 characters, never sent to the service, kept on the request, its tasks
+            and their results.
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+        prompt: str
+        callback_url: str | None
+        custom_id: str | None
+
+
 @attrs.frozen
-class ImageRequest:
+class ImageRequest(TaskRequest):
     """One call to the image generation endpoint. Immutable and validated.
 
     Every rule of the service is checked here, at construction; a broken one raises
@@ -323,12 +376,15 @@ class ImageRequest:
             "21:9"``.
         callback_url: where the service calls back for this request; default: the
             client's ``callback_url``.
+        custom_id: your own identifier of the request (a CSV row's ID, say), 1..256
+            characters; never sent to the service, kept on the request, its tasks and
+            their results (``task.custom_id``, ``result.custom_id``).
 
     Example:
         >>> import keevx_async as kx
         >>> kx.ImageRequest("a red fox in the snow", generate_count=2, image_ratio="16:9")
         ImageRequest(prompt='a red fox in the snow', reference_images=(), module='std', \
-generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None)
+generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None, custom_id=None)
     """
 
     prompt: str = attrs.field(validator=_check_prompt)
@@ -346,6 +402,7 @@ generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None)
     callback_url: str | None = attrs.field(
         default=None, kw_only=True, validator=_check_callback_url
     )
+    custom_id: str | None = attrs.field(default=None, kw_only=True, validator=check_custom_id)
 
 
 @attrs.frozen
@@ -369,6 +426,16 @@ class ImageResult:
         default=_EMPTY, converter=_frozen_mapping, eq=False, repr=False
     )
     path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """The result file's URL: ``image_url`` (every result kind has ``url``)."""
+        return self.image_url
+
+    @property
+    def custom_id(self) -> str | None:
+        """The request's ``custom_id``."""
+        return self.request.custom_id
 
 
 (
@@ -439,11 +506,22 @@ class TaskSnapshot:
     raw: Mapping[str, Any] = attrs.field(
         default=_EMPTY, converter=_frozen_mapping, eq=False, repr=False
     )
+    video_url: str = ""
+    duration: float | None = None
+    width: int | None = None
+    height: int | None = None
+    task_type: str = "image_generate"
 
     @property
     def done(self) -> bool:
         """Whether the task has finished (successfully or not)."""
         return is_finished(self.status)
+
+    @property
+    def url(self) -> str:
+        """The result file's URL: ``image_url`` of an image task, ``video_url`` of a video
+        task (``""`` while there is none)."""
+        return self.image_url or self.video_url
 
 
 @attrs.frozen

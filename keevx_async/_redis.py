@@ -4,8 +4,8 @@ Keys, all under the router's ``prefix`` (default ``keevx:``):
 
 - ``task:{task_id}``: a hash, written by every worker that waits for the task (the
   *owners*): ``w:{worker_id}`` per owner, and ``sub`` (the callback token's submission),
-  ``req`` (the request, as JSON) and ``i`` (the task's index). TTL ``owner_ttl``,
-  refreshed while the task is waited for; ``result_ttl`` once it finished.
+  ``req`` (the request, as JSON), ``k`` (its kind's name) and ``i`` (the task's index).
+  TTL ``owner_ttl``, refreshed while the task is waited for; ``result_ttl`` once it finished.
 - ``result:{task_id}``: the task's finished callback. TTL ``result_ttl``, which the
   task's hash then keeps at least too (so its request outlives its result).
 - ``early:{submission_id}``: the task IDs of callbacks recorded before their submission's
@@ -42,9 +42,9 @@ from ._router import (
     TaskRecord,
     decode_request_record,
     encode_record,
+    encode_request_record,
 )
 from ._types import MAX_GENERATE_COUNT
-from ._wire import encode_request
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -652,7 +652,9 @@ class RedisRouter(CallbackRouter):
         index = fields.get(b"i", b"0")
         return TaskRecord(
             task_id=task_id,
-            request=None if b"req" not in fields else decode_request_record(fields[b"req"]),
+            request=None
+            if b"req" not in fields
+            else decode_request_record(fields[b"req"], _text_or_none(fields.get(b"k"))),
             index=int(index) if index.isdigit() else 0,
             submission_id=fields.get(b"sub", b"").decode() or None,
             result=result,
@@ -698,10 +700,17 @@ class RedisRouter(CallbackRouter):
     def _claim_of(self, task: Task) -> tuple[str, dict[str, str]]:
         task_id = task.task_id
         assert task_id is not None  # only submitted tasks are waited for
+        # The request as its submit body, with its own callback URL if it had one, and
+        # its kind, so that a lookup or a routed callback reads the task right.
+        kind, request = encode_request_record(task.request)
         return task_id, {
             f"w:{self.worker_id}": "1",
             "sub": task.submission_id or "",
-            # The request as its submit body, with its own callback URL if it had one.
-            "req": encode_request(task.request, task.request.callback_url).decode(),
+            "req": request,
+            "k": kind,
             "i": str(task.index),
         }
+
+
+def _text_or_none(value: bytes | None) -> str | None:
+    return None if value is None else value.decode(errors="replace")

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import attrs
 
-from ._models import ImageRequest
-from ._wire import WireFormatError, decode_callback, decode_request, load_json
+from ._kinds import AnyRequest, kind_named, kind_of
+from ._wire import WireFormatError, decode_callback, load_json
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,7 +42,9 @@ __all__ = [
     "RouterHost",
     "TaskRecord",
     "decode_record",
+    "decode_request_record",
     "encode_record",
+    "encode_request_record",
 ]
 
 
@@ -76,7 +78,7 @@ class TaskRecord:
     """
 
     task_id: str
-    request: ImageRequest | None = None
+    request: AnyRequest | None = None
     index: int = 0
     submission_id: str | None = None
     result: bytes | None = None
@@ -115,11 +117,27 @@ def decode_record(record: bytes | str) -> tuple[CallbackPayload, str | None]:
     return decode_callback(body), submission_id or None
 
 
-def decode_request_record(text: str | bytes) -> ImageRequest | None:
-    """The request a router stored as its submit body (``encode_request``), or ``None``
-    if it cannot be read."""
+def encode_request_record(request: AnyRequest) -> tuple[str, str]:
+    """A request as a router stores it: its kind's name, and its submit body (with its
+    own callback URL if it had one, never a token) plus its ``custom_id``, which no
+    submit body carries."""
+    kind = kind_of(request)
+    body = json.loads(kind.encode(request, request.callback_url, None))
+    if request.custom_id is not None:
+        body["custom_id"] = request.custom_id
+    return kind.name, json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_request_record(text: str | bytes, kind: str | None = None) -> AnyRequest | None:
+    """The request a router stored with `encode_request_record` (``kind``: the kind's
+    name it stored, ``None`` for an image), or ``None`` if it cannot be read."""
     try:
-        return decode_request(text)
+        value = load_json(text, "request record")
+        if not isinstance(value, dict):
+            return None
+        custom_id = value.pop("custom_id", None)
+        request: AnyRequest = kind_named(kind).decode_request(value)
+        return request if custom_id is None else attrs.evolve(request, custom_id=custom_id)
     except (ValueError, TypeError):
         return None
 

@@ -28,7 +28,7 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final, Generic, Literal, NoReturn, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, Generic, Literal, NoReturn, TypeVar, cast, overload
 
 import anyio
 import anyio.to_thread
@@ -39,7 +39,7 @@ from ._batch import DEFAULT_MAX_PENDING
 from ._checks import check_seconds
 from ._client import AsyncKeevx
 from ._exceptions import ClientClosedError
-from ._models import ImageRequest
+from ._kinds import AnyRequest
 from ._receiver import DEFAULT_MAX_BODY_SIZE
 from ._registry import DEFAULT_EARLY_MAX_AGE, DEFAULT_MAX_EARLY
 
@@ -54,7 +54,15 @@ if TYPE_CHECKING:
 
     from ._batch import Batch
     from ._exceptions import KeevxError
-    from ._models import CallbackOutcome, ImageResult, TaskSnapshot, UploadedFile
+    from ._kinds import AnyResult, VideoRequest, VideoResult
+    from ._models import (
+        CallbackOutcome,
+        ImageRequest,
+        ImageResult,
+        TaskRequest,
+        TaskSnapshot,
+        UploadedFile,
+    )
     from ._router import CallbackRouter
     from ._server import CallbackServer
     from ._stats import ClientStats
@@ -387,7 +395,7 @@ class _ReadInThread:
         return item
 
 
-def _readable_on_loop(requests: Iterable[ImageRequest | str]) -> Any:
+def _readable_on_loop(requests: Iterable[AnyRequest | str]) -> Any:
     """``requests`` as the async client reads them: a sequence as is, else in threads."""
     if isinstance(requests, Sequence):
         return requests
@@ -407,7 +415,8 @@ class SyncTask:
 
     Attributes:
         task_id: the service's task ID, ``None`` for a request that was never submitted.
-        request: the [`ImageRequest`][keevx_async.ImageRequest] that created the task.
+        request: the request ([`ImageRequest`][keevx_async.ImageRequest] or
+            [`VideoRequest`][keevx_async.VideoRequest]) that created the task.
         index: the task's position among its request's task IDs (0-based).
         status: the last status heard (``"GENERATING"`` until a result says more).
         position: in a batch, the position of the task's request in the batch's input
@@ -436,9 +445,14 @@ class SyncTask:
         return self._task.task_id
 
     @property
-    def request(self) -> ImageRequest:
+    def request(self) -> AnyRequest:
         """The request that created the task."""
         return self._task.request
+
+    @property
+    def custom_id(self) -> str | None:
+        """The request's ``custom_id``."""
+        return self._task.request.custom_id
 
     @property
     def index(self) -> int:
@@ -459,8 +473,9 @@ class SyncTask:
         """Whether the task has finished, successfully or not. Never blocks."""
         return self._task.done()
 
-    def result(self) -> ImageResult:
-        """The task's image. Never blocks.
+    def result(self) -> Any:
+        """The task's result (an [`ImageResult`][keevx_async.ImageResult] or a
+        [`VideoResult`][keevx_async.VideoResult]). Never blocks.
 
         Raises:
             TaskFailedError: the task finished without an image (and the other errors
@@ -477,8 +492,8 @@ class SyncTask:
         """
         return self._task.exception()
 
-    def wait(self, timeout: float | None = None) -> ImageResult:
-        """Block until the task finishes and return its image.
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the task finishes and return its result.
 
         Args:
             timeout: the most seconds to wait; ``None`` waits for as long as it takes.
@@ -509,7 +524,7 @@ class SyncSubmission:
     ``task_ids`` and ``tasks`` are in the service's order, so ``tasks[i].index == i``.
     """
 
-    request: ImageRequest
+    request: AnyRequest
     task_ids: tuple[str, ...]
     tasks: tuple[SyncTask, ...] = attrs.field(eq=False, repr=False)
 
@@ -803,7 +818,7 @@ class Keevx:
 
     # --- submitting -------------------------------------------------------------------
 
-    def submit(self, request: ImageRequest) -> SyncSubmission:
+    def submit(self, request: TaskRequest) -> SyncSubmission:
         """Submit one request: one HTTP call, under the client's concurrency limit.
 
         Returns a [`SyncSubmission`][keevx_async.SyncSubmission] whose tasks finish as
@@ -813,7 +828,7 @@ class Keevx:
             APIError: the service refused or failed (``maybe_created`` says whether
                 tasks may exist anyway).
             TransportError: the exchange failed (``maybe_created`` likewise).
-            TypeError: ``request`` is not an [`ImageRequest`][keevx_async.ImageRequest].
+            TypeError: ``request`` is no request (of a kind this SDK knows).
         """
         submission = self._runner.run(functools.partial(self._async.submit, request))
         return SyncSubmission(
@@ -822,14 +837,28 @@ class Keevx:
             tasks=tuple(SyncTask(task, self) for task in submission.tasks),
         )
 
-    def generate(self, request: ImageRequest, *, timeout: float | None = None) -> list[ImageResult]:
+    @overload
+    def generate(
+        self, request: ImageRequest, *, timeout: float | None = None
+    ) -> list[ImageResult]: ...
+    @overload
+    def generate(
+        self, request: VideoRequest, *, timeout: float | None = None
+    ) -> list[VideoResult]: ...
+    @overload
+    def generate(
+        self, request: TaskRequest, *, timeout: float | None = None
+    ) -> list[AnyResult]: ...
+    def generate(self, request: TaskRequest, *, timeout: float | None = None) -> list[Any]:
         """Submit ``request`` and wait for every task of it.
 
         Args:
             timeout: the most seconds to wait for the tasks after the submit reply.
 
         Returns:
-            one [`ImageResult`][keevx_async.ImageResult] per task, in task order.
+            one result per task, in task order: an
+            [`ImageResult`][keevx_async.ImageResult] each for an image request, a
+            [`VideoResult`][keevx_async.VideoResult] each for a video request.
 
         Raises:
             TaskFailedError: the first task error, as soon as it is known.
@@ -841,7 +870,7 @@ class Keevx:
 
     def batch(
         self,
-        requests: Iterable[ImageRequest | str],
+        requests: Iterable[AnyRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
@@ -860,8 +889,8 @@ class Keevx:
                     print(task.request.prompt, task.result().image_url)
         ```
 
-        ``requests`` (an iterable of [`ImageRequest`][keevx_async.ImageRequest], or of
-        prompt strings) is read lazily, as submit slots free up: a list or tuple on the
+        ``requests`` (an iterable of requests, image and video ones mixed as you like,
+        or of prompt strings) is read lazily, as submit slots free up: a list or tuple on the
         client's event loop, any other iterable (a generator, a file, a database
         cursor) one item at a time in a worker thread, so a slow read never holds up
         the loop. ``for task in batch`` yields every [`SyncTask`][keevx_async.SyncTask]
@@ -893,6 +922,7 @@ class Keevx:
         )
         return SyncBatch(running, self)
 
+    @overload
     def generate_many(
         self,
         requests: Iterable[ImageRequest | str],
@@ -900,7 +930,24 @@ class Keevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
-    ) -> list[list[ImageResult | KeevxError]]:
+    ) -> list[list[ImageResult | KeevxError]]: ...
+    @overload
+    def generate_many(
+        self,
+        requests: Iterable[AnyRequest | str],
+        *,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+        download_to: str | os.PathLike[str] | None = None,
+    ) -> list[list[AnyResult | KeevxError]]: ...
+    def generate_many(
+        self,
+        requests: Iterable[AnyRequest | str],
+        *,
+        concurrency: int | None = None,
+        timeout: float | None = None,
+        download_to: str | os.PathLike[str] | None = None,
+    ) -> list[list[Any]]:
         """Submit every request and wait for all; a list in, a list out.
 
         Returns a list aligned with ``requests``: for each, the results in task order,
@@ -941,7 +988,7 @@ class Keevx:
 
     def download(
         self,
-        result_or_url: ImageResult | str,
+        result_or_url: AnyResult | str,
         dest: str | os.PathLike[str],
         *,
         overwrite: bool = False,
@@ -977,7 +1024,7 @@ class Keevx:
         """
         return self._runner.run(functools.partial(self._async.retrieve, task_id))
 
-    def task(self, task_id: str, *, request: ImageRequest | None = None) -> SyncTask:
+    def task(self, task_id: str, *, request: AnyRequest | None = None) -> SyncTask:
         """The [`SyncTask`][keevx_async.SyncTask] with this ID: re-attach to a task by
         its ID, as [`AsyncKeevx.task`][keevx_async.AsyncKeevx.task] does.
 

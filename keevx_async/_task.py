@@ -9,20 +9,29 @@ pending tasks nobody is awaiting yet cost no events and no background tasks.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol
 
 import anyio
 import attrs
 
 from ._checks import check_seconds
 from ._exceptions import KeevxError, TaskFailedError, TaskPendingError, TaskTimeoutError
-from ._models import FINISHED_OK, CallbackPayload, ImageRequest, ImageResult, make_image_result
+from ._kinds import AnyRequest, kind_of
+from ._models import FINISHED_OK, CallbackPayload
 
 if TYPE_CHECKING:
     from collections.abc import Generator, Sequence
     from types import TracebackType
 
-    from typing_extensions import Self
+    from typing_extensions import Self, TypeVar
+
+    # A task of unknown kind (a batch's, a re-attached one) may give a result of any
+    # kind: its results are typed Any, so code written for images type-checks as before.
+    ResultT = TypeVar("ResultT", covariant=True, default=Any)  # noqa: PLC0105
+else:
+    from typing import TypeVar
+
+    ResultT = TypeVar("ResultT", covariant=True)  # noqa: PLC0105
 
 __all__ = ["SUBMIT_FAILED", "CompletionSink", "LookupDriver", "Submission", "Task", "wait_all"]
 
@@ -60,20 +69,22 @@ async def _wait_for(event: anyio.Event, lookups: LookupDriver | None) -> None:
         task_group.cancel_scope.cancel()
 
 
-class Task:
-    """One task of a submission: one image being generated.
+class Task(Generic[ResultT]):
+    """One task of a submission: one image (or video) being generated.
 
     A task is finished by its callback (or by ``retrieve``), by a batch's timeout, or at
     creation when its request could not be submitted (then ``task_id`` is ``None``).
 
-    ``await task`` (or ``await task.wait(timeout)``) returns the
-    [`ImageResult`][keevx_async.ImageResult] or
-    raises the task's error; ``done()``, ``result()`` and ``exception()`` never block.
+    ``await task`` (or ``await task.wait(timeout)``) returns the result
+    ([`ImageResult`][keevx_async.ImageResult] for an image request,
+    [`VideoResult`][keevx_async.VideoResult] for a video request) or raises the task's
+    error; ``done()``, ``result()`` and ``exception()`` never block.
     Waiting is cancellation-safe: a cancelled waiter leaves the task as it was.
 
     Attributes:
         task_id: the service's task ID, ``None`` for a request that was never submitted.
-        request: the [`ImageRequest`][keevx_async.ImageRequest] that created the task.
+        request: the request ([`ImageRequest`][keevx_async.ImageRequest] or
+            [`VideoRequest`][keevx_async.VideoRequest]) that created the task.
         index: the task's position among its request's task IDs (0-based).
         status: the last status heard (``"GENERATING"`` until a callback says more).
         position: in a batch, the position of the task's request in the batch's input
@@ -101,7 +112,7 @@ class Task:
     def __init__(
         self,
         task_id: str | None,
-        request: ImageRequest,
+        request: AnyRequest,
         index: int = 0,
         *,
         status: str = "GENERATING",
@@ -113,7 +124,7 @@ class Task:
         self.index = index
         self.status = status
         self.submission_id = submission_id
-        self._result: ImageResult | None = None
+        self._result: ResultT | None = None
         self._error: KeevxError | None = None
         self._error_tb: TracebackType | None = None
         self._waiters: list[anyio.Event] | None = None
@@ -122,7 +133,7 @@ class Task:
         self.position: int | None = None
 
     @classmethod
-    def _not_submitted(cls, request: ImageRequest, error: KeevxError) -> Self:
+    def _not_submitted(cls, request: AnyRequest, error: KeevxError) -> Self:
         """A finished task standing for a request whose submit failed."""
         task = cls(None, request, 0, status=SUBMIT_FAILED)
         task._error = error
@@ -134,12 +145,17 @@ class Task:
 
     # --- reading ----------------------------------------------------------------------
 
+    @property
+    def custom_id(self) -> str | None:
+        """The request's ``custom_id`` (the caller's own identifier)."""
+        return self.request.custom_id
+
     def done(self) -> bool:
         """Whether the task has finished, successfully or not."""
         return self._result is not None or self._error is not None
 
-    def result(self) -> ImageResult:
-        """The task's image. Never blocks.
+    def result(self) -> ResultT:
+        """The task's result (its image or video). Never blocks.
 
         Raises:
             TaskFailedError: the task finished without an image.
@@ -163,7 +179,7 @@ class Task:
             raise TaskPendingError(self.task_id)
         return self._error
 
-    async def wait(self, timeout: float | None = None) -> ImageResult:
+    async def wait(self, timeout: float | None = None) -> ResultT:
         """Wait until the task finishes and return its image.
 
         Args:
@@ -190,7 +206,7 @@ class Task:
                 )
         return self.result()
 
-    def __await__(self) -> Generator[Any, None, ImageResult]:
+    def __await__(self) -> Generator[Any, None, ResultT]:
         return self.wait().__await__()
 
     def _raise_error(self) -> NoReturn:
@@ -214,7 +230,7 @@ class Task:
 
     # --- finishing (called by the registry and by batches) -----------------------------
 
-    def _finish(self, result: ImageResult | None, error: KeevxError | None) -> None:
+    def _finish(self, result: Any, error: KeevxError | None) -> None:
         self._result = result
         self._error = error
         self._error_tb = None if error is None else error.__traceback__
@@ -226,7 +242,7 @@ class Task:
             self._sink = None
             sink.task_done(self)
 
-    def _settle_file(self, result: ImageResult | None, error: KeevxError | None) -> None:
+    def _settle_file(self, result: Any, error: KeevxError | None) -> None:
         """Replace a finished task's outcome by its saved file's: the result with its
         ``path``, or the error that kept it from being saved (a batch's ``download_to``).
         Its waiters were woken when it finished; nothing is told again."""
@@ -238,17 +254,8 @@ class Task:
         """Finish the task from a finished callback or snapshot (first one wins)."""
         status = self.status = payload.status
         if status == FINISHED_OK:
-            # A payload's raw is read-only already: no converter needed.
-            result = make_image_result(
-                payload.task_id,
-                payload.image_url,
-                self.request,
-                self.index,
-                status,
-                payload.task_type,
-                payload.raw,
-            )
-            self._finish(result, None)
+            request = self.request
+            self._finish(kind_of(request).result(payload, request, self.index), None)
         else:
             error = TaskFailedError(
                 task_id=payload.task_id,
@@ -260,18 +267,18 @@ class Task:
 
 
 @attrs.frozen
-class Submission:
+class Submission(Generic[ResultT]):
     """What one successful submit created: the request and one task per task ID.
 
     ``task_ids`` and ``tasks`` are in the service's order, so ``tasks[i].index == i``.
     """
 
-    request: ImageRequest
+    request: AnyRequest
     task_ids: tuple[str, ...]
-    tasks: tuple[Task, ...] = attrs.field(eq=False, repr=False)
+    tasks: tuple[Task[ResultT], ...] = attrs.field(eq=False, repr=False)
 
 
-async def wait_all(tasks: Sequence[Task], timeout: float | None) -> list[ImageResult]:
+async def wait_all(tasks: Sequence[Task[ResultT]], timeout: float | None) -> list[ResultT]:
     """Wait for every task; return their results in order, or raise the first error.
 
     The first error is raised as soon as it is known, not after the tasks before it.

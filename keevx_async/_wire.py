@@ -182,7 +182,12 @@ def _build_converter() -> cattrs.Converter:
     # The request body: tuples go out as lists; callback_url only when there is one.
     conv.register_unstructure_hook(
         ImageRequest,
-        make_dict_unstructure_fn(ImageRequest, conv, callback_url=override(omit_if_default=True)),
+        make_dict_unstructure_fn(
+            ImageRequest,
+            conv,
+            callback_url=override(omit_if_default=True),
+            custom_id=override(omit=True),  # the caller's own: never sent
+        ),
     )
     return conv
 
@@ -397,14 +402,26 @@ def decode_task_ids(data: object) -> tuple[str, ...]:
     return tuple(submit.task_ids)
 
 
-def decode_snapshot(data: object) -> TaskSnapshot:
-    """A [`TaskSnapshot`][keevx_async.TaskSnapshot] from the GET reply's ``data``."""
+def decode_snapshot(
+    data: object, url_field: str = "image_url", task_type: str = "image_generate"
+) -> TaskSnapshot:
+    """A [`TaskSnapshot`][keevx_async.TaskSnapshot] from the GET reply's ``data``.
+
+    ``url_field`` is the field of the task's kind holding its file's URL (a string for a
+    SUCCEEDED task), ``task_type`` the kind's (the GET reply does not say it).
+    """
     value = _require_object(data, "task reply", "data")
     task: _TaskData = _structure(value, _TaskData, "task reply", "data.")
     _require_task_id(task.task_id, "task reply")
     if not task.status:
         raise WireFormatError("task reply field 'data.status' is empty", field="data.status")
-    image_url = _image_url(task, "task reply")
+    if url_field == "image_url":
+        image_url = _image_url(task, "task reply")
+        video_url = ""
+    else:
+        image_url = task.image_url if isinstance(task.image_url, str) else ""
+        url = _result_url(value, url_field, task.status, "task reply")
+        video_url = url if url_field == "video_url" else ""
     return TaskSnapshot(
         task_id=task.task_id,
         status=task.status,
@@ -412,7 +429,21 @@ def decode_snapshot(data: object) -> TaskSnapshot:
         thumbnail_url=_text(task.thumbnail_url),
         error_message=_text(task.error_message),
         raw=value,
+        video_url=video_url,
+        duration=_number(value.get("duration")),
+        width=_integer(value.get("width")),
+        height=_integer(value.get("height")),
+        task_type=task_type,
     )
+
+
+def _number(value: object) -> Any:
+    """A lenient number field: an int or a float as it is, ``None`` for anything else."""
+    return value if type(value) in (int, float) else None
+
+
+def _integer(value: object) -> int | None:
+    return value if type(value) is int else None
 
 
 # --- uploads -----------------------------------------------------------------------------
@@ -564,15 +595,25 @@ def _decode_callback(value: object) -> CallbackPayload:
     _require_task_id(data.task_id, "callback body")
     if not data.status:
         raise WireFormatError("callback body field 'data.status' is empty", field="data.status")
-    if data.status == FINISHED_OK and not data.image_url:
-        raise WireFormatError(
-            f"callback body reports {FINISHED_OK} but field 'data.image_url' is empty",
-            field="data.image_url",
-        )
+    # The kind says which field holds a finished task's file (images' image_url is the
+    # fast path's, above); only here, off the hot path, is it asked.
+    from ._kinds import kind_of_callback  # noqa: PLC0415 (the kinds import this module)
+
+    url_field = kind_of_callback(data.task_id, parsed.task_type).url_field
+    if url_field != "image_url":
+        image_url = data.image_url if isinstance(data.image_url, str) else ""
+        _result_url(value["data"], url_field, data.status, "callback body")
+    else:
+        if data.status == FINISHED_OK and not data.image_url:
+            raise WireFormatError(
+                f"callback body reports {FINISHED_OK} but field 'data.image_url' is empty",
+                field="data.image_url",
+            )
+        image_url = _image_url(data, "callback body")
     return CallbackPayload(
         task_id=data.task_id,
         status=data.status,
-        image_url=_image_url(data, "callback body"),
+        image_url=image_url,
         error_message=_text(data.error_message),
         task_type=_text(parsed.task_type) or "image_generate",
         code=parsed.code if type(parsed.code) is int else 0,
@@ -591,6 +632,25 @@ def _image_url(task: _TaskData, what: str) -> str:
             field="data.image_url",
         )
     return task.image_url
+
+
+def _result_url(data: Mapping[str, Any], field: str, status: str, what: str) -> str:
+    """The result file's URL in ``data[field]``: a non-empty string for a SUCCEEDED task;
+    anything goes (read as ``""``) for the others."""
+    url = data.get(field)
+    if status != FINISHED_OK:
+        return url if isinstance(url, str) else ""
+    if not isinstance(url, str):
+        raise WireFormatError(
+            f"{what} field 'data.{field}' must be a string; got {type(url).__name__}",
+            field=f"data.{field}",
+        )
+    if not url:
+        raise WireFormatError(
+            f"{what} reports {FINISHED_OK} but field 'data.{field}' is empty",
+            field=f"data.{field}",
+        )
+    return url
 
 
 def _require_task_id(task_id: str, what: str) -> None:

@@ -152,7 +152,7 @@ async def test_path_token_placement_resolves_tasks() -> None:
 async def test_submit_refuses_anything_but_an_image_request() -> None:
     async with wired() as (fake, client):
         with pytest.raises(TypeError, match="ImageRequest"):
-            await client.submit("a prompt")  # type: ignore[arg-type]
+            await client.submit("a prompt")  # type: ignore[call-overload]
     assert fake.submit_calls == 0
 
 

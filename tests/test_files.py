@@ -792,7 +792,7 @@ async def test_a_file_that_cannot_be_written_is_a_download_error(tmp_path: Path)
 
 async def test_download_checks_its_arguments_before_anything_is_sent(tmp_path: Path) -> None:
     async with wired() as (fake, client):
-        with pytest.raises(TypeError, match="ImageResult or a URL"):
+        with pytest.raises(TypeError, match="VideoResult or a URL"):
             await client.download(42, tmp_path)  # type: ignore[arg-type]
         with pytest.raises(kx.InvalidRequestError, match="http"):
             await client.download("/relative.png", tmp_path)
