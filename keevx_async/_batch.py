@@ -21,7 +21,7 @@ import anyio.abc
 from ._checks import check_int, check_seconds
 from ._exceptions import DownloadError, KeevxError, TaskTimeoutError
 from ._kinds import is_request
-from ._models import ImageRequest
+from ._models import ImageRequest, TaskRequest
 from ._task import LookupDriver, Submission, Task
 from ._taskgroups import enter_task_group, exit_task_group
 
@@ -40,7 +40,7 @@ DEFAULT_MAX_PENDING: Final = 10_000
 
 _T = TypeVar("_T")
 
-RequestSource = Iterable["AnyRequest | str"] | AsyncIterable["AnyRequest | str"]
+RequestSource = Iterable[TaskRequest | str] | AsyncIterable[TaskRequest | str]
 
 
 async def _aiterate(source: Iterable[_T] | AsyncIterable[_T]) -> AsyncGenerator[_T, None]:

@@ -569,7 +569,7 @@ class AsyncKeevx:
 
     def batch(
         self,
-        requests: Iterable[AnyRequest | str] | AsyncIterable[AnyRequest | str],
+        requests: Iterable[TaskRequest | str] | AsyncIterable[TaskRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
@@ -652,7 +652,7 @@ class AsyncKeevx:
     @overload
     async def generate_many(
         self,
-        requests: Iterable[AnyRequest | str] | AsyncIterable[AnyRequest | str],
+        requests: Iterable[TaskRequest | str] | AsyncIterable[TaskRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
@@ -660,7 +660,7 @@ class AsyncKeevx:
     ) -> list[list[AnyResult | KeevxError]]: ...
     async def generate_many(
         self,
-        requests: Iterable[AnyRequest | str] | AsyncIterable[AnyRequest | str],
+        requests: Iterable[TaskRequest | str] | AsyncIterable[TaskRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,

@@ -395,7 +395,7 @@ class _ReadInThread:
         return item
 
 
-def _readable_on_loop(requests: Iterable[AnyRequest | str]) -> Any:
+def _readable_on_loop(requests: Iterable[TaskRequest | str]) -> Any:
     """``requests`` as the async client reads them: a sequence as is, else in threads."""
     if isinstance(requests, Sequence):
         return requests
@@ -870,7 +870,7 @@ class Keevx:
 
     def batch(
         self,
-        requests: Iterable[AnyRequest | str],
+        requests: Iterable[TaskRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
@@ -934,7 +934,7 @@ class Keevx:
     @overload
     def generate_many(
         self,
-        requests: Iterable[AnyRequest | str],
+        requests: Iterable[TaskRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,
@@ -942,7 +942,7 @@ class Keevx:
     ) -> list[list[AnyResult | KeevxError]]: ...
     def generate_many(
         self,
-        requests: Iterable[AnyRequest | str],
+        requests: Iterable[TaskRequest | str],
         *,
         concurrency: int | None = None,
         timeout: float | None = None,

@@ -163,9 +163,11 @@ class VideoRequest(TaskRequest):
         reference_images: the images of multi-image mode.
         aspect_ratio: ``"16:9"`` or ``"9:16"``.
         aspect_resolution: ``"720p"``, ``"1080p"`` or (model ``"V"``) ``"4k"``.
-        duration: seconds of video; ``None`` (the default) stays ``None`` on the
-            request and means the model's default, 8 for ``"V"`` and 5 for ``"KL"``
-            (see `resolved_duration`), which is what the submit body carries.
+        duration: seconds of video; ``None`` (the default) means the model's default,
+            8 for ``"V"`` and 5 for ``"KL"``. The attribute holds the resolved number
+            (never ``None`` once built), which is what the submit body carries: a
+            request built with ``duration=None`` equals one built with the default
+            spelled out.
         generate_audio: whether the video has sound (model ``"V"`` only).
         generate_count: how many videos, 1..4; each becomes its own task.
         callback_url: where the service calls back for this request; default: the
@@ -175,7 +177,7 @@ class VideoRequest(TaskRequest):
     Example:
         >>> import keevx_async as kx
         >>> request = kx.VideoRequest("waves at dusk", image_url="https://example.com/a.png")
-        >>> request.resolved_duration
+        >>> request.duration
         8
     """
 
@@ -211,7 +213,9 @@ class VideoRequest(TaskRequest):
         else:
             self._check_kl()
         allowed = self._durations()
-        if self.duration is not None and self.duration not in allowed:
+        if self.duration is None:
+            object.__setattr__(self, "duration", DEFAULT_DURATION[self.model])
+        elif self.duration not in allowed:
             mode = (
                 "multi-image mode"
                 if self.model == "V" and self.image_url is None
@@ -273,12 +277,6 @@ class VideoRequest(TaskRequest):
         if self.model == "KL":
             return (5, 10)
         return (4, 6, 8) if self.image_url is not None else (8,)
-
-    @property
-    def resolved_duration(self) -> int:
-        """``duration``, or the model's default when it is ``None`` (8 for ``"V"``, 5 for
-        ``"KL"``): the seconds the submit body asks for."""
-        return DEFAULT_DURATION[self.model] if self.duration is None else self.duration
 
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -358,7 +356,7 @@ def encode(request: VideoRequest, callback_url: str | None, urls: Sequence[str] 
     body["reference_images"] = list(urls[position:])
     body["aspect_ratio"] = request.aspect_ratio
     body["aspect_resolution"] = request.aspect_resolution
-    body["duration"] = request.resolved_duration
+    body["duration"] = request.duration
     body["generate_audio"] = request.generate_audio
     body["generate_count"] = request.generate_count
     if callback_url is not None:

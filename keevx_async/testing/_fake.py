@@ -48,6 +48,8 @@ from keevx_async.testing._rules import (
     SUBMIT_PATH,
     TASK_ID_PREFIX,
     UPLOAD_PATH,
+    VIDEO_SUBMIT_PATH,
+    VIDEO_TASK_ID_PREFIX,
     Reply,
     auth_error,
     check_upload,
@@ -61,9 +63,12 @@ from keevx_async.testing._rules import (
     upload_error,
     upload_reply,
     validate,
+    validate_video,
+    video_error,
+    video_snapshot,
 )
 from keevx_async.testing._scheduler import Scheduler
-from keevx_async.testing._task import FakeTask, PlannedTask
+from keevx_async.testing._task import GENERATING, PENDING, PROCESSING, FakeTask, PlannedTask
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -116,7 +121,8 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class FakeKeevx:
-    """An emulator of the Keevx image generation service, usable as an ASGI 3 app.
+    """An emulator of the Keevx generation service (images and image to video), usable as
+    an ASGI 3 app.
 
     Run it with ``async with FakeKeevx(...) as fake:``, which starts its one background
     scheduler (tasks finish and are called back only while it runs; a request to a fake
@@ -125,6 +131,29 @@ class FakeKeevx:
     `serve`. Callbacks are POSTed to each request's ``callback_url`` with
     ``callback_client`` (default: an own ``httpx.AsyncClient``), or handed straight to an
     object given to `deliver_into`.
+
+    Images: ``POST /v1/image_generate`` and ``GET /v1/image_generate/{task_id}``, ``i2is-``
+    task IDs, ``GENERATING`` until finished. Videos: ``POST /v1/image_to_video`` and
+    ``GET /v1/image_to_video/{task_id}``, ``i2v-`` task IDs, ``PENDING``, then
+    ``PROCESSING`` from half-way, then ``SUCCEEDED`` or ``FAILED``; a finished video
+    has ``video_url`` (``{task_id}.mp4``, served as ``video/mp4``), ``thumbnail_url``,
+    ``duration``, ``width`` and ``height``, in its GET ``data`` and in its callback
+    (``task_type`` ``"image_to_video"``). Each GET endpoint knows only its own kind's tasks
+    (another's ID is ``110002`` task not found). The video endpoint applies the service's
+    per-model table on its own (not with the SDK's validators) and refuses with HTTP 200
+    and a business code:
+
+    - ``100001``: a parameter is missing or malformed (prompt, aspect_ratio,
+      generate_count 1..4, a non-integer duration, an image that is not an http(s) URL).
+    - ``100002``: the model is not supported (``V``, ``KL``).
+    - ``100003``: the images do not fit the model (``V``: ``image_url`` or 1..3
+      ``reference_images``, not both, ``end_image_url`` only with ``image_url``;
+      ``KL``: 1..7 ``reference_images``).
+    - ``100004``: the duration is not allowed (``V`` with ``image_url``: 4, 6, 8; ``V``
+      multi-image: 8; ``KL``: 5, 10).
+    - ``100005``: the resolution is not allowed (``KL``: no ``4k``).
+    - ``100006``: audio is not supported by the model (``KL``).
+    - ``100007``: ``image_url``/``end_image_url`` is not allowed for the model (``KL``).
 
     Every constructor argument is also an attribute that may be changed at any time;
     changes apply to requests that arrive afterwards:
@@ -135,6 +164,8 @@ class FakeKeevx:
     - ``latency``: seconds every submit and GET waits before it is processed.
     - ``complete_after``: seconds from creation until a task finishes, or a ``(low, high)``
       range to draw from uniformly (which makes callbacks arrive out of order).
+    - ``video_complete_after``: the same for video tasks (default 0.05 s: videos are
+      slower; the service's may take 20 minutes).
     - ``fail_rate`` / ``fail_if``: the fraction of tasks that finish ``FAILED``, and a
       predicate on the prompt that fails every task of a request.
     - ``lost_rate`` / ``duplicate_rate``: fractions of callbacks never sent / sent twice;
@@ -187,6 +218,7 @@ class FakeKeevx:
     api_key: str | None
     latency: float
     complete_after: float | tuple[float, float]
+    video_complete_after: float | tuple[float, float]
     fail_rate: float
     fail_if: Callable[[str], bool] | None
     lost_rate: float
@@ -217,6 +249,10 @@ class FakeKeevx:
     get_calls: int
     """Task-state GET requests received."""
     get_times: list[float]
+    get_paths: list[str]
+    """The path of each task-state GET request, in order (``/v1/image_to_video/i2v-…``)."""
+    submit_paths: list[str]
+    """The path of each submit request, in order."""
     """``anyio.current_time()`` at the arrival of each task-state GET request."""
     callbacks_sent: int
     """Callbacks delivered successfully (a duplicate counts twice)."""
@@ -245,6 +281,7 @@ class FakeKeevx:
         api_key: str | None = None,
         latency: float = 0.0,
         complete_after: float | tuple[float, float] = 0.01,
+        video_complete_after: float | tuple[float, float] = 0.05,
         fail_rate: float = 0.0,
         fail_if: Callable[[str], bool] | None = None,
         lost_rate: float = 0.0,
@@ -265,6 +302,7 @@ class FakeKeevx:
         self.api_key = api_key
         self.latency = latency
         self.complete_after = complete_after
+        self.video_complete_after = video_complete_after
         self.fail_rate = fail_rate
         self.fail_if = fail_if
         self.lost_rate = lost_rate
@@ -342,9 +380,11 @@ class FakeKeevx:
         self.submit_calls = 0
         self.accepted_submits = 0
         self.submit_times = []
+        self.submit_paths = []
         self.max_in_flight = self.in_flight
         self.get_calls = 0
         self.get_times = []
+        self.get_paths = []
         self.callbacks_sent = 0
         self.delivery_failures = []
         self.upload_calls = 0
@@ -598,6 +638,7 @@ class FakeKeevx:
         method: str = scope["method"]
         path: str = scope["path"]
         task_id = path.removeprefix(SUBMIT_PATH + "/")
+        video_task_id = path.removeprefix(VIDEO_SUBMIT_PATH + "/")
         if self._task_group is None:
             reply = error_reply(
                 500, "FakeKeevx is not running: enter it with `async with FakeKeevx(...)`"
@@ -611,15 +652,23 @@ class FakeKeevx:
                 if method == "POST"
                 else method_not_allowed(method, path, "POST")
             )
-        elif path == SUBMIT_PATH:
+        elif path in (SUBMIT_PATH, VIDEO_SUBMIT_PATH):
             reply = (
-                await self._handle_submit(scope, raw_body)
+                await self._handle_submit(
+                    scope, raw_body, "video" if path != SUBMIT_PATH else "image"
+                )
                 if method == "POST"
                 else method_not_allowed(method, path, "POST")
             )
         elif task_id != path and task_id and "/" not in task_id:
             reply = (
-                await self._handle_get(scope, task_id)
+                await self._handle_get(scope, task_id, "image")
+                if method == "GET"
+                else method_not_allowed(method, path, "GET")
+            )
+        elif video_task_id != path and video_task_id and "/" not in video_task_id:
+            reply = (
+                await self._handle_get(scope, video_task_id, "video")
                 if method == "GET"
                 else method_not_allowed(method, path, "GET")
             )
@@ -645,8 +694,9 @@ class FakeKeevx:
     def _auth_error(self, scope: Scope) -> Reply | None:
         return auth_error(_header(scope, b"authorization"), self.api_key)
 
-    async def _handle_submit(self, scope: Scope, raw_body: bytes) -> Reply:
+    async def _handle_submit(self, scope: Scope, raw_body: bytes, kind: str) -> Reply:
         self.submit_calls += 1
+        self.submit_paths.append(scope["path"])
         self.submit_times.append(anyio.current_time())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -659,20 +709,27 @@ class FakeKeevx:
             fault = self._faults.take("submit")
             if fault is not None and not fault.create:
                 return fault.reply()
-            reply = await self._accept_submission(raw_body)
+            reply = await self._accept_submission(raw_body, kind)
             return reply if fault is None else fault.reply()
         finally:
             self.in_flight -= 1
             self._work_done()
 
-    async def _accept_submission(self, raw_body: bytes) -> Reply:
+    async def _accept_submission(self, raw_body: bytes, kind: str) -> Reply:
         body = parse_json_object(raw_body)
         if body is None:
             return parameter_error("body must be a JSON object", status=400)
-        request = validate(body)
-        if isinstance(request, str):
-            return parameter_error(request)
-        planned = self._create_tasks(request)
+        if kind == "video":
+            video = validate_video(body)
+            if isinstance(video, tuple):
+                return video_error(*video)
+            request = video
+        else:
+            image = validate(body)
+            if isinstance(image, str):
+                return parameter_error(image)
+            request = image
+        planned = self._create_tasks(request, kind)
         if self.early_callbacks:
             for batch in self._finish(planned):
                 await self._deliver_batch(batch)
@@ -682,7 +739,7 @@ class FakeKeevx:
         task_ids = sorted((item.task for item in planned), key=lambda task: task.index)
         return ok_reply({"task_ids": [task.task_id for task in task_ids]})
 
-    def _create_tasks(self, request: dict[str, Any]) -> list[PlannedTask]:
+    def _create_tasks(self, request: dict[str, Any], kind: str) -> list[PlannedTask]:
         """Create the request's tasks and decide their fates; the result is in delivery
         order (shuffled when ``shuffle`` is on)."""
         submission = next(self._submissions)
@@ -698,13 +755,18 @@ class FakeKeevx:
             random_failure = self._rng.random() < self.fail_rate
             lost = self._rng.random() < self.lost_rate
             duplicated = self._rng.random() < self.duplicate_rate
+            complete_after = self.video_complete_after if kind == "video" else self.complete_after
             delay = (
-                self._rng.uniform(*self.complete_after)
-                if isinstance(self.complete_after, tuple)
-                else self.complete_after
+                self._rng.uniform(*complete_after)
+                if isinstance(complete_after, tuple)
+                else complete_after
             )
+            video = kind == "video"
             task = FakeTask(
-                task_id=TASK_ID_PREFIX + uuid.uuid4().hex,
+                task_id=(VIDEO_TASK_ID_PREFIX if video else TASK_ID_PREFIX) + uuid.uuid4().hex,
+                kind=kind,
+                status=PENDING if video else GENERATING,
+                processing_at=now + delay / 2 if video else None,
                 prompt=prompt,
                 body=request,
                 index=index,
@@ -762,8 +824,9 @@ class FakeKeevx:
         self._file_host.store(path, stored)
         return upload_reply(f"{self.base_url}{FILES_PATH}/{path}", file_id, file_name)
 
-    async def _handle_get(self, scope: Scope, task_id: str) -> Reply:
+    async def _handle_get(self, scope: Scope, task_id: str, kind: str) -> Reply:
         self.get_calls += 1
+        self.get_paths.append(scope["path"])
         self._get_milestones.count_is(self.get_calls)
         self.get_times.append(anyio.current_time())
         await anyio.sleep(self.latency)
@@ -774,7 +837,17 @@ class FakeKeevx:
         if fault is not None:
             return fault.reply()
         task = self._registry.get(task_id)
-        return task_not_found() if task is None else ok_reply(task_snapshot(task))
+        if task is None or task.kind != kind:  # each endpoint knows its own tasks
+            return task_not_found()
+        if task.kind == "video":
+            if (
+                task.status == PENDING
+                and task.processing_at is not None
+                and anyio.current_time() >= task.processing_at
+            ):
+                task.status = PROCESSING
+            return ok_reply(video_snapshot(task))
+        return ok_reply(task_snapshot(task))
 
     # -- finishing and delivery --------------------------------------------------------
 

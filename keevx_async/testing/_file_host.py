@@ -261,7 +261,11 @@ class FileHost:
                 break
         else:
             return None
-        if task is None or name not in (_basename(task.image_url), _basename(task.thumbnail_url)):
+        if task is None or name not in (
+            _basename(task.image_url),
+            _basename(task.video_url),
+            _basename(task.thumbnail_url),
+        ):
             return None
         assert task.finished_at is not None  # it has a result URL
         if fake.file_ttl is not None and anyio.current_time() > task.finished_at + fake.file_ttl:

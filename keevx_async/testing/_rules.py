@@ -30,11 +30,35 @@ if TYPE_CHECKING:
     from keevx_async.testing._task import FakeTask
 
 SUBMIT_PATH: Final = "/v1/image_generate"
+VIDEO_SUBMIT_PATH: Final = "/v1/image_to_video"
+VIDEO_TASK_ID_PREFIX: Final = "i2v-"
 UPLOAD_PATH: Final = "/v1/figure-resource/upload/file"
 TASK_ID_PREFIX: Final = "i2is-"
 CODE_OK: Final = 0
 CODE_PARAMETER_ERROR: Final = 100001
 CODE_TASK_NOT_FOUND: Final = 110002
+
+# The business codes of the video endpoint's refusals (HTTP 200, ``data`` null).
+CODE_VIDEO_PARAMETER: Final = 100001
+"""A field is missing or has the wrong type or value (prompt, aspect_ratio,
+generate_count, a malformed image URL...)."""
+CODE_VIDEO_MODEL: Final = 100002
+"""``model`` is not one the service supports (``V``, ``KL``)."""
+CODE_VIDEO_IMAGE_COUNT: Final = 100003
+"""The images do not fit the model: ``V`` needs ``image_url`` or 1..3
+``reference_images`` (not both; ``end_image_url`` only with ``image_url``), ``KL``
+needs 1..7 ``reference_images``."""
+CODE_VIDEO_DURATION: Final = 100004
+"""``duration`` is not one the model allows in its mode (``V`` with ``image_url``: 4, 6,
+8; ``V`` multi-image: 8; ``KL``: 5, 10)."""
+CODE_VIDEO_RESOLUTION: Final = 100005
+"""``aspect_resolution`` is not one the model allows (``V``: 720p, 1080p, 4k; ``KL``:
+720p, 1080p)."""
+CODE_VIDEO_AUDIO: Final = 100006
+"""``generate_audio`` is true for a model that cannot make sound (``KL``)."""
+CODE_VIDEO_IMAGE_URL: Final = 100007
+"""``image_url`` or ``end_image_url`` was sent for a model that takes no start or end
+frame (``KL``)."""
 MODERATION_MESSAGE: Final = "content moderation rejected the prompt"
 """``error_message`` of tasks failed by ``fail_if``."""
 RANDOM_FAILURE_MESSAGE: Final = "image processing error: generation failed"
@@ -211,6 +235,143 @@ def validate(body: dict[str, Any]) -> dict[str, Any] | str:
     }
 
 
+# --- image_to_video -----------------------------------------------------------------------
+# Written from the service's per-model table, not from the SDK's validators, so that a test
+# comparing the two compares two readings of the table.
+
+_VIDEO_MODELS: Final = ("V", "KL")
+_VIDEO_RATIOS: Final = ("16:9", "9:16")
+_VIDEO_RESOLUTIONS: Final = {"V": ("720p", "1080p", "4k"), "KL": ("720p", "1080p")}
+_VIDEO_DEFAULT_DURATION: Final = {"V": 8, "KL": 5}
+_VIDEO_MAX_COUNT: Final = 4
+
+VideoRefusal = tuple[int, str]
+"""A refused video submit: the business code and the message naming the field."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_url(value: object) -> bool:
+    return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def validate_video(body: dict[str, Any]) -> dict[str, Any] | VideoRefusal:  # noqa: PLR0912
+    """Apply the service's image_to_video rules to a submit body: the normalised request
+    (defaults filled in), or the refusal's business code and message."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not 1 <= len(prompt) <= MAX_PROMPT_LENGTH:
+        return CODE_VIDEO_PARAMETER, f"prompt must be a string of 1..{MAX_PROMPT_LENGTH} characters"
+    model = _optional(body, "model", "V")
+    if model not in _VIDEO_MODELS:
+        return CODE_VIDEO_MODEL, f"model not supported: {model!r}"
+    image_url = body.get("image_url")
+    end_image_url = body.get("end_image_url")
+    for field, value in (("image_url", image_url), ("end_image_url", end_image_url)):
+        if value is not None and not _is_url(value):
+            return CODE_VIDEO_PARAMETER, f"{field} must be an http(s) URL"
+    references = _optional(body, "reference_images", [])
+    if not isinstance(references, list) or not all(_is_url(url) for url in references):
+        return CODE_VIDEO_PARAMETER, "reference_images must be a list of http(s) URLs"
+    aspect_ratio = _optional(body, "aspect_ratio", "16:9")
+    if aspect_ratio not in _VIDEO_RATIOS:
+        return CODE_VIDEO_PARAMETER, f"aspect_ratio must be one of {', '.join(_VIDEO_RATIOS)}"
+    resolution = _optional(body, "aspect_resolution", "1080p")
+    if resolution not in _VIDEO_RESOLUTIONS[model]:
+        allowed = ", ".join(_VIDEO_RESOLUTIONS[model])
+        return CODE_VIDEO_RESOLUTION, f"aspect_resolution must be one of {allowed} for {model}"
+    audio = _optional(body, "generate_audio", False)
+    if not isinstance(audio, bool):
+        return CODE_VIDEO_PARAMETER, "generate_audio must be a boolean"
+    count = _optional(body, "generate_count", 1)
+    if not _is_int(count) or not 1 <= count <= _VIDEO_MAX_COUNT:
+        return CODE_VIDEO_PARAMETER, f"generate_count must be an integer in 1..{_VIDEO_MAX_COUNT}"
+    duration = _optional(body, "duration", _VIDEO_DEFAULT_DURATION[model])
+    if not _is_int(duration):
+        return CODE_VIDEO_PARAMETER, "duration must be an integer"
+    if model == "KL":
+        if image_url is not None or end_image_url is not None:
+            field = "image_url" if image_url is not None else "end_image_url"
+            return CODE_VIDEO_IMAGE_URL, f"{field} is not allowed for model KL"
+        if not 1 <= len(references) <= 7:
+            return CODE_VIDEO_IMAGE_COUNT, "reference_images must hold 1..7 images for model KL"
+        if audio:
+            return CODE_VIDEO_AUDIO, "generate_audio is not supported by model KL"
+        durations: tuple[int, ...] = (5, 10)
+    else:
+        if (image_url is None) == (not references):
+            return (
+                CODE_VIDEO_IMAGE_COUNT,
+                "model V takes either image_url or reference_images (1..3)",
+            )
+        if end_image_url is not None and image_url is None:
+            return CODE_VIDEO_IMAGE_COUNT, "end_image_url is only allowed with image_url"
+        if len(references) > 3:
+            return CODE_VIDEO_IMAGE_COUNT, "reference_images must hold 1..3 images for model V"
+        durations = (4, 6, 8) if image_url is not None else (8,)
+    if duration not in durations:
+        allowed = ", ".join(map(str, durations))
+        return CODE_VIDEO_DURATION, f"duration must be one of {allowed} here"
+    callback_url = body.get("callback_url")
+    if callback_url is not None and not isinstance(callback_url, str):
+        return CODE_VIDEO_PARAMETER, "callback_url must be a URL string"
+    return {
+        "prompt": prompt,
+        "model": model,
+        "image_url": image_url,
+        "end_image_url": end_image_url,
+        "reference_images": references,
+        "aspect_ratio": aspect_ratio,
+        "aspect_resolution": resolution,
+        "duration": duration,
+        "generate_audio": audio,
+        "generate_count": count,
+        "callback_url": callback_url or None,
+    }
+
+
+def video_error(code: int, message: str) -> Reply:
+    """A refused video submit: HTTP 200 with the business code."""
+    return error_reply(200, f"parameter error: {message}", code=code)
+
+
+_VIDEO_SIZES: Final = {
+    ("16:9", "720p"): (1280, 720),
+    ("16:9", "1080p"): (1920, 1080),
+    ("16:9", "4k"): (3840, 2160),
+    ("9:16", "720p"): (720, 1280),
+    ("9:16", "1080p"): (1080, 1920),
+    ("9:16", "4k"): (2160, 3840),
+}
+
+
+def video_size(body: dict[str, Any]) -> tuple[int, int]:
+    """A finished video's width and height, from its validated request."""
+    return _VIDEO_SIZES[body["aspect_ratio"], body["aspect_resolution"]]
+
+
+def video_snapshot(task: FakeTask) -> dict[str, Any]:
+    """The video GET endpoint's ``data`` for a task."""
+    return {
+        "task_id": task.task_id,
+        "status": task.status,
+        "video_url": task.video_url,
+        "thumbnail_url": task.thumbnail_url,
+        "error_message": task.error_message,
+        "duration": task.duration,
+        "width": task.width,
+        "height": task.height,
+    }
+
+
+def video_callback_body(task: FakeTask) -> bytes:
+    """The exact bytes the service POSTs for a finished video task."""
+    return json.dumps(
+        {"code": CODE_OK, "msg": "ok", "task_type": "image_to_video", "data": video_snapshot(task)}
+    ).encode()
+
+
 def task_snapshot(task: FakeTask) -> dict[str, Any]:
     """The GET endpoint's ``data`` for a task."""
     return {
@@ -224,6 +385,8 @@ def task_snapshot(task: FakeTask) -> dict[str, Any]:
 
 def callback_body(task: FakeTask) -> bytes:
     """The exact bytes the service POSTs to a finished task's ``callback_url``."""
+    if task.kind == "video":
+        return video_callback_body(task)
     return json.dumps(
         {
             "code": CODE_OK,

@@ -13,10 +13,13 @@ from typing import Any, Final
 import attrs
 
 from keevx_async._types import FINISHED_OK
+from keevx_async.testing._rules import video_size
 
-__all__ = ["FAILED", "GENERATING", "FakeTask", "PlannedTask"]
+__all__ = ["FAILED", "GENERATING", "PENDING", "PROCESSING", "FakeTask", "PlannedTask"]
 
 GENERATING: Final = "GENERATING"
+PENDING: Final = "PENDING"
+PROCESSING: Final = "PROCESSING"
 FAILED: Final = "FAILED"
 
 
@@ -27,7 +30,10 @@ class FakeTask:
 
     ``body`` is the validated request (defaults filled in, ``reference_images`` cut to
     five); ``index`` is the task's position among its request's task IDs. ``status`` is
-    ``"GENERATING"`` until ``finished_at`` is set, then ``"SUCCEEDED"`` or ``"FAILED"``.
+    ``"GENERATING"`` (a video task: ``"PENDING"``, then ``"PROCESSING"`` from
+    ``processing_at``) until ``finished_at`` is set, then ``"SUCCEEDED"`` or ``"FAILED"``.
+    A video task has ``video_url``, ``duration``, ``width`` and ``height`` once it
+    succeeded, an image task ``image_url``.
     ``lost`` tasks are never called back; ``duplicated`` ones are called back twice.
     ``callbacks_sent`` counts successful deliveries of this task's callback.
     """
@@ -46,6 +52,14 @@ class FakeTask:
     callbacks_sent: int = 0
     lost: bool = False
     duplicated: bool = False
+    kind: str = "image"
+    """``"image"`` (``/v1/image_generate``) or ``"video"`` (``/v1/image_to_video``)."""
+    video_url: str = ""
+    duration: int | None = None
+    width: int | None = None
+    height: int | None = None
+    processing_at: float | None = None
+    """A video task's ``PENDING`` turns ``PROCESSING`` at this time."""
 
 
 @attrs.define(eq=False)
@@ -76,8 +90,13 @@ class PlannedTask:
         task.finished_at = now
         if self.failure is None:
             task.status = FINISHED_OK
-            task.image_url = f"{image_base_url}/{task.task_id}.png"
             task.thumbnail_url = f"{image_base_url}/{task.task_id}_thumb.png"
+            if task.kind == "video":
+                task.video_url = f"{image_base_url}/{task.task_id}.mp4"
+                task.duration = task.body["duration"]
+                task.width, task.height = video_size(task.body)
+            else:
+                task.image_url = f"{image_base_url}/{task.task_id}.png"
         else:
             task.status = FAILED
             task.error_message = self.failure
