@@ -106,3 +106,15 @@ def test_the_readmes_sync_snippet_runs_as_printed() -> None:
     [task] = fake.tasks.values()
     assert task.prompt == "a red fox in the snow"
     assert done.stdout == f"{task.image_url}\n"
+
+
+def test_the_readmes_video_snippet_runs_as_printed() -> None:
+    """The README's video snippet is a whole script: it runs on FakeKeevx."""
+    readme = (DOCS.parent / "README.md").read_text()
+    section = readme.split("### Videos", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run(  # noqa: S603 (our own interpreter, the README's own code)
+        [sys.executable, "-c", snippet], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"https://\S+/i2v-\S+\.mp4 6 1920 1080\n", done.stdout), done.stdout
