@@ -448,7 +448,8 @@ def _read_upload_reply(response: httpx.Response) -> UploadedFile:
 def _media_types(result: AnyResult) -> tuple[str, ...]:
     """The ``Content-Type`` prefixes a result's file may have (``image/`` for an image)."""
     kind = kind_of_result(result)
-    return IMAGE_KINDS if kind is None else kind.media_types
+    assert kind is not None  # a result of a known kind: the callers have one
+    return kind.media_types
 
 
 def build_download_client(max_downloads: int, timeout: httpx.Timeout) -> httpx.AsyncClient:

@@ -474,6 +474,22 @@ def make_image_result(  # noqa: PLR0917 (positional, in field order: see the cla
     return result
 
 
+def image_result_of(payload: CallbackPayload, request: ImageRequest, index: int) -> ImageResult:
+    """The result of a task that finished with ``payload`` (SUCCEEDED): `make_image_result`
+    from the payload's fields, in one call (the image kind's ``result``: a task finishing
+    from a callback calls it once)."""
+    result: ImageResult = _new_object(ImageResult)
+    _r_task_id(result, payload.task_id)
+    _r_image_url(result, payload.image_url)
+    _r_request(result, request)
+    _r_index(result, index)
+    _r_status(result, payload.status)
+    _r_task_type(result, payload.task_type)
+    _r_raw(result, payload.raw)
+    _r_path(result, None)
+    return result
+
+
 @attrs.frozen
 class UploadedFile:
     """A file the service stores for you (see

@@ -16,7 +16,7 @@ import attrs
 
 from ._checks import check_seconds
 from ._exceptions import KeevxError, TaskFailedError, TaskPendingError, TaskTimeoutError
-from ._kinds import AnyRequest, kind_of
+from ._kinds import RESULT_BUILDERS, AnyRequest, kind_of
 from ._models import FINISHED_OK, CallbackPayload
 
 if TYPE_CHECKING:
@@ -255,7 +255,10 @@ class Task(Generic[ResultT]):
         status = self.status = payload.status
         if status == FINISHED_OK:
             request = self.request
-            self._finish(kind_of(request).result(payload, request, self.index), None)
+            # The kind's result builder, by the request's exact type (a subclass of a
+            # request type finds its kind the longer way).
+            build = RESULT_BUILDERS.get(type(request)) or kind_of(request).result
+            self._finish(build(payload, request, self.index), None)
         else:
             error = TaskFailedError(
                 task_id=payload.task_id,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import keevx_async as kx
 from keevx_async._models import (
     CallbackPayload,
+    image_result_of,
     is_finished,
     make_callback_payload,
     make_image_result,
@@ -427,6 +428,10 @@ def test_make_image_result_builds_what_the_class_builds(  # noqa: PLR0917
     assert repr(built) == repr(expected)
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         built.image_url = "other"  # type: ignore[misc]
+    payload = CallbackPayload(task_id, status, image_url, "", task_type, 0, "", frozen)
+    of_payload = image_result_of(payload, request, index)
+    assert attrs.astuple(of_payload, recurse=False) == attrs.astuple(expected, recurse=False)
+    assert of_payload.url == image_url
 
 
 # --- text the SDK cannot send is refused where it enters -----------------------------------------

@@ -271,6 +271,15 @@ def test_a_router_record_gives_back_the_same_request(
     assert decode_request_record(text, kind) == request
 
 
+def test_a_submit_body_decodes_back_to_its_request() -> None:
+    request = kx.VideoRequest("p", image_url=START, end_image_url=END, duration=4)
+    body = VIDEO.encode(request, "https://app.test/cb", None)
+    assert VIDEO.decode_request(body) == attrs.evolve(request, callback_url="https://app.test/cb")
+    assert VIDEO.decode_request(body.decode()).duration == 4
+    with pytest.raises(kx.InvalidRequestError):
+        VIDEO.decode_request(b"[1]")
+
+
 def test_unreadable_records_read_as_none() -> None:
     assert decode_request_record("[1]", "video") is None
     assert decode_request_record('{"prompt": ""}', "video") is None

@@ -25,6 +25,7 @@ AnyResult: TypeAlias = ImageResult | VideoResult
 __all__ = [
     "IMAGE",
     "KINDS",
+    "RESULT_BUILDERS",
     "VIDEO",
     "AnyRequest",
     "AnyResult",
@@ -44,6 +45,9 @@ KINDS: Final[tuple[Kind, ...]] = (IMAGE, VIDEO)
 """Every kind, the default (images) first."""
 
 _BY_REQUEST: Final = {kind.request_type: kind for kind in KINDS}
+RESULT_BUILDERS: Final = {kind.request_type: kind.result for kind in KINDS}
+"""Each request type's ``Kind.result``: a task finishing looks its builder up here, by
+the exact type of its request (one dict lookup on the callback path)."""
 _BY_RESULT: Final = {kind.result_type: kind for kind in KINDS}
 _BY_NAME: Final = {kind.name: kind for kind in KINDS}
 _BY_TASK_TYPE: Final = {kind.task_type: kind for kind in KINDS}

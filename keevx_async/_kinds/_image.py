@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from keevx_async._kinds._kind import Kind
-from keevx_async._models import ImageRequest, ImageResult, make_image_result
+from keevx_async._models import ImageRequest, ImageResult, image_result_of
 from keevx_async._wire import decode_request, encode_request
 
 if TYPE_CHECKING:
-    from keevx_async._models import CallbackPayload, ReferenceImage
+    from keevx_async._models import ReferenceImage
 
 __all__ = ["IMAGE"]
 
@@ -23,19 +23,6 @@ def _images(request: ImageRequest) -> tuple[tuple[str, ReferenceImage], ...]:
     return tuple(
         (f"reference_images[{position}]", image)
         for position, image in enumerate(request.reference_images)
-    )
-
-
-def _result(payload: CallbackPayload, request: ImageRequest, index: int) -> ImageResult:
-    # A payload's raw is read-only already: no converter needed.
-    return make_image_result(
-        payload.task_id,
-        payload.image_url,
-        request,
-        index,
-        payload.status,
-        payload.task_type,
-        payload.raw,
     )
 
 
@@ -51,6 +38,6 @@ IMAGE: Final = Kind(
     images=_images,
     encode=encode_request,
     decode_request=decode_request,
-    result=_result,
+    result=image_result_of,
 )
 """Image generation (``POST /v1/image_generate``)."""
