@@ -387,6 +387,17 @@ def test_a_video_snapshot_is_read_and_checked() -> None:
             100006,
         ),
         ({"prompt": "p", "model": "KL", "image_url": START, "reference_images": [ref(0)]}, 100007),
+        ({"prompt": "p", "image_url": "start.png"}, 100001),
+        ({"prompt": "p", "reference_images": "https://x/a.png"}, 100001),
+        ({"prompt": "p", "image_url": START, "aspect_ratio": "1:1"}, 100001),
+        ({"prompt": "p", "image_url": START, "generate_audio": "yes"}, 100001),
+        ({"prompt": "p", "image_url": START, "generate_count": 5}, 100001),
+        ({"prompt": "p", "image_url": START, "duration": "8"}, 100001),
+        ({"prompt": "p", "image_url": START, "callback_url": 5}, 100001),
+        ({"prompt": "p", "reference_images": [ref(0)], "end_image_url": END}, 100003),
+        ({"prompt": "p", "reference_images": [ref(i) for i in range(4)]}, 100003),
+        ({"prompt": "p", "model": "KL"}, 100003),
+        ({"prompt": "p", "model": "KL", "reference_images": [ref(0)], "duration": 8}, 100004),
     ],
 )
 async def test_the_fake_refuses_with_the_documented_codes(body: dict[str, Any], code: int) -> None:
