@@ -33,6 +33,7 @@ from keevx_async._models import (
     ReferenceImage,
     TaskRequest,
     check_custom_id,
+    check_http_url,
     check_image,
     check_text,
     to_images,
@@ -128,8 +129,6 @@ def _check_generate_count(_: object, attribute: attrs.Attribute[Any], value: obj
 
 def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
-        from keevx_async._models import check_http_url  # noqa: PLC0415 (one use)
-
         check_http_url(value, "callback_url")
 
 
