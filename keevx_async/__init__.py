@@ -26,6 +26,8 @@ from ._exceptions import (
     ClientClosedError,
     DownloadError,
     InvalidRequestError,
+    JournalError,
+    JournalLockedError,
     KeevxError,
     RateLimitError,
     RouterError,
@@ -34,8 +36,12 @@ from ._exceptions import (
     TaskPendingError,
     TaskTimeoutError,
     TransportError,
+    UnknownOutcomeError,
     UnknownTaskError,
 )
+from ._journal import Journal, JournalResult
+from ._journal_postgres import PostgresJournal
+from ._journal_sqlite import SQLiteJournal
 from ._models import CallbackOutcome, ImageRequest, ImageResult, TaskSnapshot, UploadedFile
 from ._redact import CallbackTokenFilter, redact_callback_tokens
 from ._redis import RedisRouter
@@ -64,13 +70,19 @@ __all__ = [
     "ImageRequest",
     "ImageResult",
     "InvalidRequestError",
+    "Journal",
+    "JournalError",
+    "JournalLockedError",
+    "JournalResult",
     "Keevx",
     "KeevxError",
     "LocalRouter",
+    "PostgresJournal",
     "RateLimitError",
     "RedisRouter",
     "RouterError",
     "RouterHost",
+    "SQLiteJournal",
     "ServerError",
     "Submission",
     "SyncBatch",
@@ -83,6 +95,7 @@ __all__ = [
     "TaskSnapshot",
     "TaskTimeoutError",
     "TransportError",
+    "UnknownOutcomeError",
     "UnknownTaskError",
     "UploadedFile",
     "__version__",

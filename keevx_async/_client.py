@@ -40,6 +40,7 @@ from ._files import (
     build_download_client,
 )
 from ._http import HTTPEngine, build_http_client, read_envelope
+from ._journal import Journal, JournalRun, as_journal
 from ._models import (
     CallbackOutcome,
     ImageRequest,
@@ -282,10 +283,12 @@ class AsyncKeevx:
             max_retries=max_retries,
             max_retry_wait=self.max_retry_wait,
         )
+        if callback_secret is None:
+            callback_secret = _secret_from_env()
+        # Without a secret of the user's, a journaled run keeps its own in the journal.
+        self._secret_given = callback_secret is not None
         self._callbacks = CallbackIntake(
-            signer=CallbackSigner(
-                callback_secret if callback_secret is not None else _secret_from_env()
-            ),
+            signer=CallbackSigner(callback_secret),
             registry=TaskRegistry(
                 max_early=max_early_callbacks,
                 early_max_age=early_callback_max_age,
@@ -539,6 +542,8 @@ class AsyncKeevx:
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> Batch:
         """A [`Batch`][keevx_async.Batch]: submit many requests while their results stream in.
 
@@ -573,10 +578,37 @@ class AsyncKeevx:
                 [`DownloadError`][keevx_async.DownloadError] as its error, whose
                 ``result`` keeps the image's result. Downloads run beside the submits,
                 at most ``max_downloads`` at once, and count as pending.
+            journal: the run's durable record: a path (a
+                [`SQLiteJournal`][keevx_async.SQLiteJournal] file) or a
+                [`Journal`][keevx_async.Journal]. Each submit is recorded before it is
+                sent, each result before it is yielded (and before its callback is
+                answered), each saved file likewise. Running the same input against it
+                again resumes: finished tasks are replayed (``task.replayed``) with no
+                network call, unfinished ones re-attached and looked up at once,
+                requests never sent (or refused) submitted, and requests whose submit
+                outcome is unknown yielded with
+                [`UnknownOutcomeError`][keevx_async.UnknownOutcomeError]. See the
+                [durable runs guide](../guides/durable-runs.md).
+            resubmit_unknown: with ``journal``, send requests whose outcome is unknown
+                (``sending``/``unknown``) again, at the risk of paying twice.
 
         Raises:
             NotADirectoryError: ``download_to`` is an existing file.
+            TypeError: ``journal`` is neither a path nor a ``Journal``.
         """
+        resubmit_unknown = check_bool("resubmit_unknown", resubmit_unknown)
+        run = None
+        if journal is not None:
+            signer = self._callbacks.signer
+            run = JournalRun(
+                as_journal(journal),
+                resubmit_unknown=resubmit_unknown,
+                adopt_secret=(
+                    None
+                    if self._secret_given or not self.verify_callbacks
+                    else (signer.signing_key, signer.adopt)
+                ),
+            )
         limit = (
             self.max_concurrency
             if concurrency is None
@@ -600,7 +632,22 @@ class AsyncKeevx:
             max_pending=max_pending,
             save=save,
             savers=self._downloader.max_downloads,
+            journal=run,
+            resume=self._resume_tasks,
+            journaled=self._callbacks.count_journaled,
         )
+
+    async def _resume_tasks(self, tasks: Sequence[Task]) -> None:
+        """Wait again for the unfinished tasks of a submission a journal recorded: their
+        callbacks may have come while nothing listened, so each is looked up at once."""
+        await self._callbacks.register(tasks)
+        reconciler = self._reconciler
+        for task in tasks:
+            assert task.task_id is not None  # recorded with its ID
+            if reconciler is not None:
+                reconciler.look_up_now(task.task_id)
+            else:
+                self._verify_by_lookup(task)
 
     async def generate_many(
         self,
@@ -609,6 +656,8 @@ class AsyncKeevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[ImageResult | KeevxError]]:
         """Submit every request and wait for all; a list in, a list out.
 
@@ -617,7 +666,8 @@ class AsyncKeevx:
         a one-item list holding the submission error. Never raises for a single task.
         With ``download_to``, every image is saved there as in `batch` (each result's
         ``path`` set; a failed download's [`DownloadError`][keevx_async.DownloadError]
-        in its result's place).
+        in its result's place). With ``journal`` (and ``resubmit_unknown``), the run is
+        durable and resumes as in `batch`.
 
         Raises:
             TypeError, InvalidRequestError: an item is not a valid request. A list (any
@@ -628,7 +678,12 @@ class AsyncKeevx:
             # A list is checked whole before anything is sent (and paid for).
             requests = [as_request(item, position) for position, item in enumerate(requests)]
         async with self.batch(
-            requests, concurrency=concurrency, timeout=timeout, download_to=download_to
+            requests,
+            concurrency=concurrency,
+            timeout=timeout,
+            download_to=download_to,
+            journal=journal,
+            resubmit_unknown=resubmit_unknown,
         ) as running:
             return await collect_aligned(running)
 

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 import attrs
@@ -300,6 +300,23 @@ def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: objec
 # --- models ------------------------------------------------------------------------------
 
 
+MAX_CUSTOM_ID: Final = 256
+
+
+def _check_custom_id(_: object, __: attrs.Attribute[Any], value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise InvalidRequestError(
+            f"custom_id must be a string or None; got {type(value).__name__}", field="custom_id"
+        )
+    if not 1 <= len(value) <= MAX_CUSTOM_ID:
+        raise InvalidRequestError(
+            f"custom_id must be 1..{MAX_CUSTOM_ID} characters; got {len(value)}",
+            field="custom_id",
+        )
+
+
 @attrs.frozen
 class ImageRequest:
     """One call to the image generation endpoint. Immutable and validated.
@@ -323,12 +340,16 @@ class ImageRequest:
             "21:9"``.
         callback_url: where the service calls back for this request; default: the
             client's ``callback_url``.
+        custom_id: your own identifier of the request (a CSV row's ID, say), 1..256
+            characters; never sent to the service, kept on the request, its tasks and
+            results. In a journaled run it is the request's identity (see
+            [durable runs](../guides/durable-runs.md)), so it must be unique in the run.
 
     Example:
         >>> import keevx_async as kx
         >>> kx.ImageRequest("a red fox in the snow", generate_count=2, image_ratio="16:9")
         ImageRequest(prompt='a red fox in the snow', reference_images=(), module='std', \
-generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None)
+generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None, custom_id=None)
     """
 
     prompt: str = attrs.field(validator=_check_prompt)
@@ -346,6 +367,7 @@ generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None)
     callback_url: str | None = attrs.field(
         default=None, kw_only=True, validator=_check_callback_url
     )
+    custom_id: str | None = attrs.field(default=None, kw_only=True, validator=_check_custom_id)
 
 
 @attrs.frozen
@@ -369,6 +391,11 @@ class ImageResult:
         default=_EMPTY, converter=_frozen_mapping, eq=False, repr=False
     )
     path: Path | None = None
+
+    @property
+    def custom_id(self) -> str | None:
+        """The request's ``custom_id`` (your own identifier), if it had one."""
+        return self.request.custom_id
 
 
 (

@@ -80,10 +80,13 @@ class Task:
             (0-based; ``None`` outside a batch). Tasks of one request share it.
         submission_id: the ID the client gave the submission (bound to its callback
             token); ``None`` where callbacks are not verified.
+        replayed: ``True`` for a task a resumed journaled run read back from its journal,
+            finished, with no network call (see ``batch(..., journal=...)``).
     """
 
     __slots__ = (
         "__weakref__",
+        "_durable",
         "_error",
         "_error_tb",
         "_lookups",
@@ -92,6 +95,7 @@ class Task:
         "_waiters",
         "index",
         "position",
+        "replayed",
         "request",
         "status",
         "submission_id",
@@ -120,6 +124,10 @@ class Task:
         self._sink: CompletionSink | None = None
         self._lookups = lookups
         self.position: int | None = None
+        self.replayed = False
+        # The journal commit its result waits for, while a journaled batch records it
+        # (a callback is answered only once that commit is done).
+        self._durable: Any = None
 
     @classmethod
     def _not_submitted(cls, request: ImageRequest, error: KeevxError) -> Self:
@@ -131,6 +139,11 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<Task {self.task_id} #{self.index} {self.status}{' done' if self.done() else ''}>"
+
+    @property
+    def custom_id(self) -> str | None:
+        """The request's ``custom_id`` (your own identifier), if it had one."""
+        return self.request.custom_id
 
     # --- reading ----------------------------------------------------------------------
 

@@ -182,7 +182,12 @@ def _build_converter() -> cattrs.Converter:
     # The request body: tuples go out as lists; callback_url only when there is one.
     conv.register_unstructure_hook(
         ImageRequest,
-        make_dict_unstructure_fn(ImageRequest, conv, callback_url=override(omit_if_default=True)),
+        make_dict_unstructure_fn(
+            ImageRequest,
+            conv,
+            callback_url=override(omit_if_default=True),
+            custom_id=override(omit=True),  # the caller's own: never sent
+        ),
     )
     return conv
 
@@ -349,7 +354,7 @@ def decode_request(body: bytes | str | Mapping[str, Any]) -> ImageRequest:
     fields = dict(_require_object(value, "request body"))
     fields.setdefault("reference_images", ())
     prompt = fields.pop("prompt", None)
-    known = {a.name for a in attrs.fields(ImageRequest)}
+    known = {a.name for a in attrs.fields(ImageRequest)} - {"custom_id"}  # never sent
     return ImageRequest(prompt, **{k: v for k, v in fields.items() if k in known})
 
 

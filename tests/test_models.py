@@ -104,6 +104,7 @@ _VALID_FIELDS = st.fixed_dictionaries(
         "image_quality": st.sampled_from(IMAGE_QUALITIES),
         "image_ratio": st.sampled_from(IMAGE_RATIOS),
         "callback_url": st.one_of(st.none(), image_urls()),
+        "custom_id": st.one_of(st.none(), st.text(min_size=1, max_size=256)),
     }
 )
 

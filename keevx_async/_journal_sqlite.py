@@ -1,0 +1,304 @@
+"""``SQLiteJournal``: a run's journal in one SQLite file (stdlib ``sqlite3``, WAL).
+
+One connection, used by one call at a time on a worker thread; one transaction per
+group of records (see `Journal`). One runner per file at a time: the runner holds an
+exclusive ``flock`` on ``<file>-lock`` (released by the OS if the process dies). The
+schema version is kept in ``PRAGMA user_version``; a newer one is refused, never
+guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+from itertools import groupby
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final, Literal
+
+from ._exceptions import JournalError, JournalLockedError
+from ._journal import STATES, Journal, RequestEntry, StoredResult
+
+if TYPE_CHECKING:
+    from ._journal import Record
+
+__all__ = ["SQLiteJournal"]
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = (
+    """CREATE TABLE IF NOT EXISTS requests (
+        identity TEXT PRIMARY KEY,
+        state TEXT NOT NULL,
+        custom_id TEXT,
+        body TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        submission_id TEXT,
+        task_ids TEXT
+    ) WITHOUT ROWID""",
+    """CREATE TABLE IF NOT EXISTS results (
+        task_id TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        image_url TEXT NOT NULL,
+        error_message TEXT NOT NULL,
+        task_type TEXT NOT NULL,
+        raw TEXT NOT NULL,
+        path TEXT
+    ) WITHOUT ROWID""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+)
+
+_WRITES: Final = {
+    "sending": (
+        "INSERT INTO requests (identity, state, custom_id, body, position) "
+        "VALUES (?, 'sending', ?, ?, ?) ON CONFLICT (identity) DO UPDATE SET "
+        "state = 'sending', position = excluded.position, submission_id = NULL, "
+        "task_ids = NULL"
+    ),
+    "state": "UPDATE requests SET state = ?2 WHERE identity = ?1",
+    "submitted": (
+        "UPDATE requests SET state = 'submitted', submission_id = ?2, task_ids = ?3 "
+        "WHERE identity = ?1"
+    ),
+    "result": (
+        "INSERT INTO results (task_id, identity, idx, status, image_url, error_message, "
+        "task_type, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
+    ),
+    "download": "UPDATE results SET path = ?2 WHERE task_id = ?1",
+    "meta": "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+}
+
+_RESULTS_PAGE: Final = (
+    "SELECT r.task_id, r.identity, q.custom_id, q.body, r.idx, r.status, r.image_url, "
+    "r.error_message, r.task_type, r.raw, r.path FROM results r "
+    "LEFT JOIN requests q ON q.identity = r.identity "
+    "WHERE r.task_id > ? ORDER BY r.task_id LIMIT ?"
+)
+
+
+def _lock(handle: IO[bytes]) -> bool:
+    """Take an exclusive lock on ``handle`` without waiting; whether it was free."""
+    if sys.platform == "win32":  # pragma: no cover - POSIX CI
+        import msvcrt  # noqa: PLC0415
+
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl  # noqa: PLC0415
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class SQLiteJournal(Journal):
+    """A run's journal in a SQLite file: what ``batch(..., journal="run.db")`` means.
+
+    stdlib ``sqlite3`` in WAL mode, off the event loop on a worker thread, records
+    grouped into transactions. One runner per file at a time (a second gets
+    [`JournalLockedError`][keevx_async.JournalLockedError]); reading
+    (`summary`, `results`) works meanwhile. Inspect it with the ``sqlite3`` shell:
+    ``sqlite3 run.db "select state, count(*) from requests group by state"``.
+
+    Args:
+        path: the journal file (created if missing; its directory must exist).
+        synchronous: SQLite's ``synchronous`` setting. ``"NORMAL"`` (the default) in
+            WAL mode survives a crash of the process; ``"FULL"`` also a power loss or
+            an OS crash, at the cost of an fsync per group.
+
+    Raises:
+        ValueError: ``synchronous`` is neither ``"NORMAL"`` nor ``"FULL"``.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    ) -> None:
+        super().__init__()
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+            raise TypeError(f"path must be a file path (str or path object); got {path!r}")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL'; got {synchronous!r}")
+        self.path = Path(path)
+        """The journal file."""
+        self.synchronous = synchronous
+        self._connection: sqlite3.Connection | None = None
+        self._lock_file: IO[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"<SQLiteJournal {os.fspath(self.path)!r}>"
+
+    @property
+    def name(self) -> str:
+        """The journal file, for messages."""
+        return os.fspath(self.path)
+
+    def _error(self, doing: str, exc: BaseException) -> JournalError:
+        cause = str(exc) or type(exc).__name__
+        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in cause:
+            cause += " (a corrupt journal, or another kind of file)"
+        elif "readonly" in cause or "read-only" in cause:
+            cause += " (check the file's and its directory's permissions)"
+        return JournalError(f"journal {self.name}: cannot {doing}: {cause}", journal=self.name)
+
+    # --- the backend's calls (worker thread) ------------------------------------------
+
+    def _open_sync(self, *, lock: bool) -> None:
+        path = self.path
+        if not path.parent.is_dir():
+            raise JournalError(
+                f"journal {self.name}: cannot open it: the directory {os.fspath(path.parent)!r} "
+                "does not exist",
+                journal=self.name,
+            )
+        if path.is_dir():
+            raise JournalError(
+                f"journal {self.name}: cannot open it: it is a directory", journal=self.name
+            )
+        if lock:
+            self._take_lock()
+        try:
+            connection = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+        except sqlite3.Error as exc:
+            self._release_lock()
+            raise self._error("open it", exc) from None
+        try:
+            self._prepare(connection, write=lock)
+        except BaseException:
+            connection.close()
+            self._release_lock()
+            raise
+        self._connection = connection
+
+    def _take_lock(self) -> None:
+        lock_path = Path(os.fspath(self.path) + "-lock")
+        try:
+            handle = lock_path.open("ab")
+        except OSError as exc:
+            raise self._error(f"create its lock file {os.fspath(lock_path)!r}", exc) from None
+        if not _lock(handle):
+            handle.close()
+            raise JournalLockedError(
+                f"journal {self.name} is in use by another runner (one runner per journal "
+                "at a time): wait for it to end, or use another journal file",
+                journal=self.name,
+            )
+        self._lock_file = handle
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def _prepare(self, connection: sqlite3.Connection, *, write: bool) -> None:
+        try:
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise JournalError(
+                    f"journal {self.name} has schema version {version}, newer than this "
+                    f"keevx_async knows ({SCHEMA_VERSION}): open it with a newer keevx_async",
+                    journal=self.name,
+                )
+            if not write:
+                if version == 0:
+                    # Nothing written yet: an empty journal reads as empty.
+                    for statement in _SCHEMA:
+                        connection.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE"))
+                return
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute(f"PRAGMA synchronous = {self.synchronous}")
+            if version < SCHEMA_VERSION:
+                connection.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    connection.execute(statement)
+                connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._error("open it", exc) from None
+
+    def _connected(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise JournalError(f"journal {self.name} is not open", journal=self.name)
+        return self._connection
+
+    def _close_sync(self) -> None:
+        connection, self._connection = self._connection, None
+        try:
+            if connection is not None:
+                connection.close()
+        finally:
+            self._release_lock()
+
+    def _write_sync(self, records: list[Record]) -> None:
+        connection = self._connected()
+        try:
+            connection.execute("BEGIN")
+            for kind, group in groupby(records, key=lambda record: record[0]):
+                connection.executemany(_WRITES[kind], [record[1:] for record in group])
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise self._error("write to it", exc) from None
+
+    def _load_sync(self) -> tuple[dict[str, RequestEntry], dict[str, StoredResult]]:
+        connection = self._connected()
+        try:
+            entries = {
+                identity: RequestEntry(
+                    state, submission_id, tuple(json.loads(task_ids)) if task_ids else ()
+                )
+                for identity, state, submission_id, task_ids in connection.execute(
+                    "SELECT identity, state, submission_id, task_ids FROM requests"
+                )
+            }
+            results = {
+                row[0]: StoredResult(*row[1:])
+                for row in connection.execute(
+                    "SELECT task_id, idx, status, image_url, error_message, task_type, raw, "
+                    "path FROM results"
+                )
+            }
+        except sqlite3.Error as exc:
+            raise self._error("read it", exc) from None
+        return entries, results
+
+    def _meta_sync(self, key: str) -> str | None:
+        try:
+            row = self._connected().execute("SELECT value FROM meta WHERE key = ?", (key,))
+            found = row.fetchone()
+        except sqlite3.Error as exc:
+            raise self._error("read it", exc) from None
+        return None if found is None else str(found[0])
+
+    def _summary_sync(self) -> dict[str, int]:
+        connection = self._connected()
+        counts = dict.fromkeys((*STATES, "succeeded", "failed", "downloaded"), 0)
+        try:
+            for state, count in connection.execute(
+                "SELECT state, count(*) FROM requests GROUP BY state"
+            ):
+                counts[state] = count
+            row: Any = connection.execute(
+                "SELECT count(*), coalesce(sum(status = 'SUCCEEDED'), 0), count(path) FROM results"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._error("read it", exc) from None
+        counts["succeeded"] = row[1]
+        counts["failed"] = row[0] - row[1]
+        counts["downloaded"] = row[2]
+        return counts
+
+    def _results_sync(self, after: str, limit: int) -> list[tuple[Any, ...]]:
+        try:
+            return self._connected().execute(_RESULTS_PAGE, (after, limit)).fetchall()
+        except sqlite3.Error as exc:
+            raise self._error("read it", exc) from None
