@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from ._batch import Batch
     from ._exceptions import KeevxError
+    from ._journal import Journal
     from ._models import CallbackOutcome, ImageResult, TaskSnapshot, UploadedFile
     from ._router import CallbackRouter
     from ._server import CallbackServer
@@ -455,6 +456,16 @@ class SyncTask:
         """In a batch, the position of the task's request in the input; else ``None``."""
         return self._task.position
 
+    @property
+    def replayed(self) -> bool:
+        """Whether a resumed journaled run read the task back from its journal."""
+        return self._task.replayed
+
+    @property
+    def custom_id(self) -> str | None:
+        """The request's ``custom_id``, if it had one."""
+        return self._task.custom_id
+
     def done(self) -> bool:
         """Whether the task has finished, successfully or not. Never blocks."""
         return self._task.done()
@@ -847,6 +858,8 @@ class Keevx:
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> SyncBatch:
         """A [`SyncBatch`][keevx_async.SyncBatch]: submit many requests while their
         results stream in.
@@ -880,6 +893,11 @@ class Keevx:
             download_to: a directory: each successful task is yielded once its file is
                 saved there (``task.result().path``); a failed download yields the task
                 with its [`DownloadError`][keevx_async.DownloadError].
+            journal: the run's durable record, a path or a
+                [`Journal`][keevx_async.Journal]: run the same input again after a crash
+                and it resumes (see [`AsyncKeevx.batch`][keevx_async.AsyncKeevx.batch]).
+            resubmit_unknown: with ``journal``, send requests whose outcome is unknown
+                again, at the risk of paying twice.
         """
         running = self._runner.run_sync(
             functools.partial(
@@ -889,6 +907,8 @@ class Keevx:
                 timeout=timeout,
                 max_pending=max_pending,
                 download_to=download_to,
+                journal=journal,
+                resubmit_unknown=resubmit_unknown,
             )
         )
         return SyncBatch(running, self)
@@ -900,6 +920,8 @@ class Keevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[ImageResult | KeevxError]]:
         """Submit every request and wait for all; a list in, a list out.
 
@@ -907,7 +929,8 @@ class Keevx:
         with each failed task's error in its place; a request whose submit failed gives
         a one-item list holding the submission error. Never raises for a single task.
         ``requests`` is read as by `batch`; with ``download_to``, each result is saved
-        there first (``result.path``), as by `batch`.
+        there first (``result.path``), as by `batch`; with ``journal``, the run is
+        durable and resumes, as by `batch`.
 
         Raises:
             TypeError, InvalidRequestError: an item is not a valid request. A list (any
@@ -920,6 +943,8 @@ class Keevx:
                 concurrency=concurrency,
                 timeout=timeout,
                 download_to=download_to,
+                journal=journal,
+                resubmit_unknown=resubmit_unknown,
             )
         )
 
