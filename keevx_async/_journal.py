@@ -202,10 +202,17 @@ class Journal:
         self._idle: anyio.Event | None = None
         self._opened = False
 
+    _database_errors: tuple[type[Exception], ...] = ()
+    """The errors of the backend's database driver, turned into `JournalError`."""
+
     @property
     def name(self) -> str:
         """What the journal is, for messages: its file, or its run."""
         raise NotImplementedError
+
+    def _error(self, doing: str, exc: BaseException) -> JournalError:
+        cause = str(exc).strip() or type(exc).__name__
+        return JournalError(f"journal {self.name}: cannot {doing}: {cause}", journal=self.name)
 
     # --- the backend's blocking calls (on a worker thread, one at a time) ---------------
 
@@ -232,7 +239,11 @@ class Journal:
 
     async def _call(self, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         def call() -> _T:
-            return function(*args, **kwargs)
+            try:
+                return function(*args, **kwargs)
+            except self._database_errors as exc:
+                # Never a driver's traceback: the journal, and what went wrong.
+                raise self._error("read it", exc) from None
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)
 
@@ -277,7 +288,7 @@ class Journal:
             finally:
                 self._close_sync()
 
-        return await anyio.to_thread.run_sync(read, limiter=self._limiter)
+        return await self._call(read)
 
     # --- reading ----------------------------------------------------------------------
 
@@ -564,10 +575,8 @@ class JournalRun:
 
 
 def _dump_raw(raw: Mapping[str, Any]) -> str:
-    try:
-        return json.dumps(dict(raw), ensure_ascii=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        return json.dumps({k: str(v) for k, v in raw.items()}, ensure_ascii=False)
+    # A callback's or lookup's data: decoded JSON, its top level made read-only.
+    return json.dumps(dict(raw), ensure_ascii=False, separators=(",", ":"))
 
 
 def replayed_task(

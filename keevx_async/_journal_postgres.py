@@ -133,6 +133,7 @@ class PostgresJournal(Journal):
         """The run's name."""
         self._connection: Any = None
         self._psycopg = _import_psycopg()
+        self._database_errors = (self._psycopg.Error,)
 
     def __repr__(self) -> str:
         return f"<PostgresJournal run={self.run!r}>"
@@ -141,10 +142,6 @@ class PostgresJournal(Journal):
     def name(self) -> str:
         """The run's name, for messages."""
         return f"run {self.run!r} (PostgreSQL)"
-
-    def _error(self, doing: str, exc: BaseException) -> JournalError:
-        cause = str(exc).strip() or type(exc).__name__
-        return JournalError(f"journal {self.name}: cannot {doing}: {cause}", journal=self.name)
 
     # --- the backend's calls (worker thread) ------------------------------------------
 
@@ -203,8 +200,7 @@ class PostgresJournal(Journal):
             )
 
     def _connected(self) -> Any:
-        if self._connection is None:
-            raise JournalError(f"journal {self.name} is not open", journal=self.name)
+        assert self._connection is not None, "opened by the caller"
         return self._connection
 
     def _close_sync(self) -> None:
@@ -231,66 +227,52 @@ class PostgresJournal(Journal):
 
     def _load_sync(self) -> tuple[dict[str, RequestEntry], dict[str, StoredResult]]:
         connection = self._connected()
-        try:
-            entries = {
-                identity: RequestEntry(
-                    state, submission_id, tuple(json.loads(task_ids)) if task_ids else ()
-                )
-                for identity, state, submission_id, task_ids in connection.execute(
-                    "SELECT identity, state, submission_id, task_ids FROM keevx_requests "
-                    "WHERE run = %s",
-                    (self.run,),
-                )
-            }
-            results = {
-                row[0]: StoredResult(*row[1:])
-                for row in connection.execute(
-                    "SELECT task_id, idx, status, image_url, error_message, task_type, raw, "
-                    "path FROM keevx_results WHERE run = %s",
-                    (self.run,),
-                )
-            }
-        except self._psycopg.Error as exc:
-            raise self._error("read it", exc) from None
+        entries = {
+            identity: RequestEntry(
+                state, submission_id, tuple(json.loads(task_ids)) if task_ids else ()
+            )
+            for identity, state, submission_id, task_ids in connection.execute(
+                "SELECT identity, state, submission_id, task_ids FROM keevx_requests "
+                "WHERE run = %s",
+                (self.run,),
+            )
+        }
+        results = {
+            row[0]: StoredResult(*row[1:])
+            for row in connection.execute(
+                "SELECT task_id, idx, status, image_url, error_message, task_type, raw, "
+                "path FROM keevx_results WHERE run = %s",
+                (self.run,),
+            )
+        }
         return entries, results
 
     def _meta_sync(self, key: str) -> str | None:
         assert key == "callback_secret"  # the only one kept
-        try:
-            row = (
-                self._connected()
-                .execute("SELECT callback_secret FROM keevx_runs WHERE run = %s", (self.run,))
-                .fetchone()
-            )
-        except self._psycopg.Error as exc:
-            raise self._error("read it", exc) from None
+        row = (
+            self._connected()
+            .execute("SELECT callback_secret FROM keevx_runs WHERE run = %s", (self.run,))
+            .fetchone()
+        )
         return None if row is None or row[0] is None else str(row[0])
 
     def _summary_sync(self) -> dict[str, int]:
         connection = self._connected()
         counts = dict.fromkeys((*STATES, "succeeded", "failed", "downloaded"), 0)
-        try:
-            for state, count in connection.execute(
-                "SELECT state, count(*) FROM keevx_requests WHERE run = %s GROUP BY state",
-                (self.run,),
-            ):
-                counts[state] = count
-            row = connection.execute(
-                "SELECT count(*), count(*) FILTER (WHERE status = 'SUCCEEDED'), count(path) "
-                "FROM keevx_results WHERE run = %s",
-                (self.run,),
-            ).fetchone()
-        except self._psycopg.Error as exc:
-            raise self._error("read it", exc) from None
+        for state, count in connection.execute(
+            "SELECT state, count(*) FROM keevx_requests WHERE run = %s GROUP BY state",
+            (self.run,),
+        ):
+            counts[state] = count
+        row = connection.execute(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'SUCCEEDED'), count(path) "
+            "FROM keevx_results WHERE run = %s",
+            (self.run,),
+        ).fetchone()
         counts["succeeded"] = row[1]
         counts["failed"] = row[0] - row[1]
         counts["downloaded"] = row[2]
         return counts
 
     def _results_sync(self, after: str, limit: int) -> list[tuple[Any, ...]]:
-        try:
-            return list(
-                self._connected().execute(_RESULTS_PAGE, (self.run, after, limit)).fetchall()
-            )
-        except self._psycopg.Error as exc:
-            raise self._error("read it", exc) from None
+        return list(self._connected().execute(_RESULTS_PAGE, (self.run, after, limit)).fetchall())

@@ -129,6 +129,7 @@ class SQLiteJournal(Journal):
         """The journal file."""
         self.synchronous = synchronous
         self._connection: sqlite3.Connection | None = None
+        self._database_errors = (sqlite3.Error,)
         self._lock_file: IO[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -140,12 +141,12 @@ class SQLiteJournal(Journal):
         return os.fspath(self.path)
 
     def _error(self, doing: str, exc: BaseException) -> JournalError:
-        cause = str(exc) or type(exc).__name__
-        if isinstance(exc, sqlite3.DatabaseError) and "not a database" in cause:
-            cause += " (a corrupt journal, or another kind of file)"
-        elif "readonly" in cause or "read-only" in cause:
-            cause += " (check the file's and its directory's permissions)"
-        return JournalError(f"journal {self.name}: cannot {doing}: {cause}", journal=self.name)
+        error = super()._error(doing, exc)
+        if "not a database" in str(exc):
+            error.args = (f"{error} (a corrupt journal, or another kind of file)",)
+        elif "readonly" in str(exc):
+            error.args = (f"{error} (check the permissions of the file and its directory)",)
+        return error
 
     # --- the backend's calls (worker thread) ------------------------------------------
 
@@ -225,8 +226,7 @@ class SQLiteJournal(Journal):
             raise self._error("open it", exc) from None
 
     def _connected(self) -> sqlite3.Connection:
-        if self._connection is None:
-            raise JournalError(f"journal {self.name} is not open", journal=self.name)
+        assert self._connection is not None, "opened by the caller"
         return self._connection
 
     def _close_sync(self) -> None:
@@ -251,54 +251,42 @@ class SQLiteJournal(Journal):
 
     def _load_sync(self) -> tuple[dict[str, RequestEntry], dict[str, StoredResult]]:
         connection = self._connected()
-        try:
-            entries = {
-                identity: RequestEntry(
-                    state, submission_id, tuple(json.loads(task_ids)) if task_ids else ()
-                )
-                for identity, state, submission_id, task_ids in connection.execute(
-                    "SELECT identity, state, submission_id, task_ids FROM requests"
-                )
-            }
-            results = {
-                row[0]: StoredResult(*row[1:])
-                for row in connection.execute(
-                    "SELECT task_id, idx, status, image_url, error_message, task_type, raw, "
-                    "path FROM results"
-                )
-            }
-        except sqlite3.Error as exc:
-            raise self._error("read it", exc) from None
+        entries = {
+            identity: RequestEntry(
+                state, submission_id, tuple(json.loads(task_ids)) if task_ids else ()
+            )
+            for identity, state, submission_id, task_ids in connection.execute(
+                "SELECT identity, state, submission_id, task_ids FROM requests"
+            )
+        }
+        results = {
+            row[0]: StoredResult(*row[1:])
+            for row in connection.execute(
+                "SELECT task_id, idx, status, image_url, error_message, task_type, raw, "
+                "path FROM results"
+            )
+        }
         return entries, results
 
     def _meta_sync(self, key: str) -> str | None:
-        try:
-            row = self._connected().execute("SELECT value FROM meta WHERE key = ?", (key,))
-            found = row.fetchone()
-        except sqlite3.Error as exc:
-            raise self._error("read it", exc) from None
+        row = self._connected().execute("SELECT value FROM meta WHERE key = ?", (key,))
+        found = row.fetchone()
         return None if found is None else str(found[0])
 
     def _summary_sync(self) -> dict[str, int]:
         connection = self._connected()
         counts = dict.fromkeys((*STATES, "succeeded", "failed", "downloaded"), 0)
-        try:
-            for state, count in connection.execute(
-                "SELECT state, count(*) FROM requests GROUP BY state"
-            ):
-                counts[state] = count
-            row: Any = connection.execute(
-                "SELECT count(*), coalesce(sum(status = 'SUCCEEDED'), 0), count(path) FROM results"
-            ).fetchone()
-        except sqlite3.Error as exc:
-            raise self._error("read it", exc) from None
+        for state, count in connection.execute(
+            "SELECT state, count(*) FROM requests GROUP BY state"
+        ):
+            counts[state] = count
+        row: Any = connection.execute(
+            "SELECT count(*), coalesce(sum(status = 'SUCCEEDED'), 0), count(path) FROM results"
+        ).fetchone()
         counts["succeeded"] = row[1]
         counts["failed"] = row[0] - row[1]
         counts["downloaded"] = row[2]
         return counts
 
     def _results_sync(self, after: str, limit: int) -> list[tuple[Any, ...]]:
-        try:
-            return self._connected().execute(_RESULTS_PAGE, (after, limit)).fetchall()
-        except sqlite3.Error as exc:
-            raise self._error("read it", exc) from None
+        return self._connected().execute(_RESULTS_PAGE, (after, limit)).fetchall()

@@ -361,6 +361,27 @@ async def test_a_corrupt_file_gives_a_clear_error_naming_it(tmp_path: Path) -> N
     assert fake.submit_calls == 0
 
 
+async def test_a_journal_missing_its_tables_gives_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "run.db"
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA user_version = 1")
+    connection.close()
+    async with _fake() as fake, fake.client() as client:
+        for _ in range(2):  # the first runner released its lock
+            with pytest.raises(kx.JournalError, match="no such table") as caught:
+                async with client.batch(["a"], journal=path):
+                    pass
+            assert not isinstance(caught.value, kx.JournalLockedError)
+    with pytest.raises(kx.JournalError, match=str(path)):
+        await kx.SQLiteJournal(path).summary()
+
+
+async def test_an_open_journal_reads_through_its_own_connection(make_journal: Any) -> None:
+    async with make_journal() as journal:
+        assert (await journal.summary())["succeeded"] == 0
+        assert [result async for result in journal.results()] == []
+
+
 async def test_a_newer_schema_gives_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "run.db"
     connection = sqlite3.connect(path)
