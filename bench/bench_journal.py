@@ -62,7 +62,8 @@ async def ingest(fake: FakeKeevx, count: int, journal: Path | None) -> tuple[flo
     async with fake.client(
         deliver_callbacks=False, max_concurrency=64, reconcile_after=None
     ) as client:
-        async with client.batch([PROMPT] * count, journal=journal) as batch:
+        pending = count + 1  # every task pending at once, as in bench_callbacks.py
+        async with client.batch([PROMPT] * count, journal=journal, max_pending=pending) as batch:
             await _until(lambda: batch.submitted == count)
             callbacks = [
                 (_common.succeeded_callback(fake, task), task.callback_url or "")
@@ -80,7 +81,9 @@ async def ingest(fake: FakeKeevx, count: int, journal: Path | None) -> tuple[flo
         resume = 0.0
         if journal is not None:
             start = time.perf_counter()
-            async with client.batch([PROMPT] * count, journal=journal) as again:
+            async with client.batch(
+                [PROMPT] * count, journal=journal, max_pending=pending
+            ) as again:
                 replayed = sum([task.replayed async for task in again])
             resume = time.perf_counter() - start
             assert replayed == count

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ._checks import check_int, check_seconds
 from ._exceptions import (
@@ -42,6 +43,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MAX_PENDING", "Batch", "as_request", "collect_aligned"]
 
 DEFAULT_MAX_PENDING: Final = 10_000
+# A resumed run replays finished requests without a checkpoint; it lets the event loop
+# run once per this many.
+_REPLAY_CHECKPOINT: Final = 256
 
 _T = TypeVar("_T")
 
@@ -337,6 +341,8 @@ class Batch:
         # A semaphore, not a CapacityLimiter: the slot is released by the submitting task.
         slots = anyio.Semaphore(self._concurrency)
         position = 0
+        holding = False  # a slot taken and not handed to a submit yet
+        run = self._journal
         try:
             async with aclosing(_aiterate(self._requests)) as items:
                 while True:
@@ -346,33 +352,37 @@ class Batch:
                         self._room = anyio.Event()
                         await self._room.wait()
                     # Take a slot before reading: input is consumed only as fast as it is sent.
-                    await slots.acquire()
+                    if not holding:
+                        await slots.acquire()
+                        holding = True
                     try:
                         item = await items.__anext__()
                     except StopAsyncIteration:
-                        slots.release()
                         break
                     request = as_request(item, position)
-                    if self._journal is not None:
-                        try:
-                            identity, body = await self._journal.identify(request)
-                        except BaseException:
-                            slots.release()
-                            raise
-                        self.requests_read += 1
+                    self.requests_read += 1
+                    if run is None:
+                        self._submitting += 1
+                        task_group.start_soon(self._submit_one, request, position, slots)
+                    else:
+                        identity, body = await run.identify(request)
+                        if self._replay(request, position, run.entry(identity)):
+                            # Finished before: no submit, the slot is kept for the next.
+                            position += 1
+                            if position % _REPLAY_CHECKPOINT == 0:
+                                await anyio.lowlevel.checkpoint()
+                            continue
                         self._submitting += 1
                         task_group.start_soon(
                             self._submit_one, request, position, slots, identity, body
                         )
-                        position += 1
-                        continue
-                    self.requests_read += 1
-                    self._submitting += 1
-                    task_group.start_soon(self._submit_one, request, position, slots)
+                    holding = False
                     position += 1
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, never swallowed
             self._input_error = exc
         finally:
+            if holding:
+                slots.release()
             self._input_done = True
             self._wake()
 
@@ -413,6 +423,23 @@ class Batch:
         failed = Task._not_submitted(request, error)
         failed.position = position
         self._completed.append(failed)
+
+    def _replay(self, request: ImageRequest, position: int, entry: RequestEntry | None) -> bool:
+        """Yield a request's tasks from the journal if every one of them finished before;
+        whether it did."""
+        run = self._journal
+        if entry is None or entry.state != SUBMITTED or run is None:
+            return False
+        stored = [run.stored_result(task_id) for task_id in entry.task_ids]
+        if None in stored:
+            return False
+        for task_id, result in zip(entry.task_ids, stored, strict=True):
+            assert result is not None  # checked above
+            task = replayed_task(Task, task_id, request, result)
+            task.position = position
+            self.replayed += 1
+            self._collect_recorded(task)
+        return True
 
     async def _resume(
         self, request: ImageRequest, position: int, identity: str, entry: RequestEntry

@@ -24,13 +24,14 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import anyio
 import attrs
 
 from ._exceptions import InvalidRequestError, JournalError, TaskFailedError
-from ._models import FINISHED_OK, ImageRequest, ImageResult, is_local
+from ._models import FINISHED_OK, ImageRequest, ImageResult, is_local, make_image_result
 from ._wire import encode_request
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ _T = TypeVar("_T")
 # ("download", task_id, path)
 # ("meta", key, value)
 Record = tuple[Any, ...]
+
+_EMPTY: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 @attrs.frozen
@@ -234,7 +237,9 @@ class Journal:
     def _summary_sync(self) -> dict[str, int]:
         raise NotImplementedError
 
-    def _results_sync(self, after: str, limit: int) -> list[tuple[Any, ...]]:
+    def _results_sync(self, after: Any, limit: int) -> list[tuple[Any, ...]]:
+        """A page of results after the cursor ``after`` (``None``: from the start), each
+        row its cursor value first, then the fields of a `JournalResult`."""
         raise NotImplementedError
 
     async def _call(self, function: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -302,16 +307,17 @@ class Journal:
         return await self._read(self._summary_sync)
 
     async def results(self, *, page_size: int = 1000) -> AsyncIterator[JournalResult]:
-        """Every finished task's result, by task ID, read a page at a time (for exports).
+        """Every finished task's result, in the order recorded, read a page at a time
+        (for exports).
 
         Raises:
             JournalError: the journal cannot be read.
         """
-        after = ""
+        after = None
         while True:
             rows = await self._read(self._results_sync, after, page_size)
             for row in rows:
-                yield _journal_result(row)
+                yield _journal_result(row[1:])
             if len(rows) < page_size:
                 return
             after = rows[-1][0]
@@ -355,6 +361,17 @@ class Journal:
             while self._queue or self._writing:
                 self._idle = anyio.Event()
                 await self._idle.wait()
+
+
+def summarize(entries: dict[str, RequestEntry], results: dict[str, StoredResult]) -> dict[str, int]:
+    """`Journal.summary`'s counts, from a journal's loaded state."""
+    counts = dict.fromkeys((*STATES, "succeeded", "failed", "downloaded"), 0)
+    for entry in entries.values():
+        counts[entry.state] += 1
+    for stored in results.values():
+        counts["succeeded" if stored.status == FINISHED_OK else "failed"] += 1
+        counts["downloaded"] += stored.path is not None
+    return counts
 
 
 def _journal_result(row: tuple[Any, ...]) -> JournalResult:
@@ -589,16 +606,11 @@ def replayed_task(
     task = task_class(task_id, request, stored.index, status=stored.status)
     task.replayed = True
     if stored.status == FINISHED_OK:
-        task._result = ImageResult(
-            task_id,
-            stored.image_url,
-            request,
-            stored.index,
-            stored.status,
-            stored.task_type,
-            json.loads(stored.raw) if stored.raw else {},
-            Path(stored.path) if stored.path else None,
+        raw = MappingProxyType(json.loads(stored.raw)) if stored.raw else _EMPTY
+        result = make_image_result(
+            task_id, stored.image_url, request, stored.index, stored.status, stored.task_type, raw
         )
+        task._result = attrs.evolve(result, path=Path(stored.path)) if stored.path else result
     else:
         task._error = TaskFailedError(
             task_id=task_id,

@@ -11,6 +11,7 @@ its connection close.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, Final
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from ._journal import Record
 
 __all__ = ["PostgresJournal"]
+
+logger = logging.getLogger("keevx_async")
 
 SCHEMA_VERSION: Final = 1
 
@@ -80,7 +83,7 @@ _WRITES: Final = {
 _NAMED: Final = frozenset(("state", "submitted", "download", "meta"))
 
 _RESULTS_PAGE: Final = (
-    "SELECT r.task_id, r.identity, q.custom_id, q.body, r.idx, r.status, r.image_url, "
+    "SELECT r.task_id, r.task_id, r.identity, q.custom_id, q.body, r.idx, r.status, r.image_url, "
     "r.error_message, r.task_type, r.raw, r.path FROM keevx_results r "
     "LEFT JOIN keevx_requests q ON q.run = r.run AND q.identity = r.identity "
     "WHERE r.run = %s AND r.task_id > %s ORDER BY r.task_id LIMIT %s"
@@ -132,6 +135,7 @@ class PostgresJournal(Journal):
         self.run = run
         """The run's name."""
         self._connection: Any = None
+        self._lock_held: int | None = None
         self._psycopg = _import_psycopg()
         self._database_errors = (self._psycopg.Error,)
 
@@ -162,9 +166,10 @@ class PostgresJournal(Journal):
 
     def _lock(self, connection: Any) -> None:
         try:
-            locked = connection.execute(
-                "SELECT pg_try_advisory_lock(%s)", (_lock_key(self.run),)
-            ).fetchone()[0]
+            # The run's key in its schema: the same run name in two schemas is two runs.
+            schema = connection.execute("SELECT current_schema()").fetchone()[0]
+            key = _lock_key(f"{schema}\0{self.run}")
+            locked = connection.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
         except self._psycopg.Error as exc:
             raise self._error("lock it", exc) from None
         if not locked:
@@ -173,6 +178,7 @@ class PostgresJournal(Journal):
                 "run at a time): wait for it to end, or name another run",
                 journal=self.name,
             )
+        self._lock_held = key
 
     def _prepare(self, connection: Any) -> None:
         psycopg = self._psycopg
@@ -205,8 +211,19 @@ class PostgresJournal(Journal):
 
     def _close_sync(self) -> None:
         connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.close()  # ends the session: its advisory lock goes with it
+        key, self._lock_held = self._lock_held, None
+        if connection is None:
+            return
+        try:
+            if key is not None:
+                # Released now: the server ends a closed session a little later, and a
+                # runner starting right after must find the run free.
+                connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        except self._psycopg.Error as exc:
+            # A broken connection: closing it ends the session, and the lock with it.
+            logger.debug("journal %s: unlocking failed (%s); closing releases it", self.name, exc)
+        finally:
+            connection.close()
 
     def _write_sync(self, records: list[Record]) -> None:
         connection = self._connected()
@@ -274,5 +291,6 @@ class PostgresJournal(Journal):
         counts["downloaded"] = row[2]
         return counts
 
-    def _results_sync(self, after: str, limit: int) -> list[tuple[Any, ...]]:
-        return list(self._connected().execute(_RESULTS_PAGE, (self.run, after, limit)).fetchall())
+    def _results_sync(self, after: Any, limit: int) -> list[tuple[Any, ...]]:
+        page = (self.run, after or "", limit)
+        return list(self._connected().execute(_RESULTS_PAGE, page).fetchall())

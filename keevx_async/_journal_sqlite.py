@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Final, Literal
 
 from ._exceptions import JournalError, JournalLockedError
-from ._journal import STATES, Journal, RequestEntry, StoredResult
+from ._journal import Journal, RequestEntry, StoredResult, summarize
 
 if TYPE_CHECKING:
     from ._journal import Record
@@ -27,55 +27,80 @@ __all__ = ["SQLiteJournal"]
 
 SCHEMA_VERSION: Final = 1
 
+# Append-only: every record is a new row, so a commit writes a few pages at the end of
+# each table instead of updating rows in place all over a B-tree. The state of a request
+# is its last row; a task's result is its first.
 _SCHEMA: Final = (
     """CREATE TABLE IF NOT EXISTS requests (
-        identity TEXT PRIMARY KEY,
+        seq INTEGER PRIMARY KEY,
+        identity TEXT NOT NULL,
         state TEXT NOT NULL,
         custom_id TEXT,
-        body TEXT NOT NULL,
-        position INTEGER NOT NULL,
+        body TEXT,
+        position INTEGER,
         submission_id TEXT,
         task_ids TEXT
-    ) WITHOUT ROWID""",
+    )""",
+    "CREATE INDEX IF NOT EXISTS requests_identity ON requests (identity)",
     """CREATE TABLE IF NOT EXISTS results (
-        task_id TEXT PRIMARY KEY,
+        seq INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL,
         identity TEXT NOT NULL,
         idx INTEGER NOT NULL,
         status TEXT NOT NULL,
         image_url TEXT NOT NULL,
         error_message TEXT NOT NULL,
         task_type TEXT NOT NULL,
-        raw TEXT NOT NULL,
-        path TEXT
-    ) WITHOUT ROWID""",
-    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+        raw TEXT NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS downloads (
+        seq INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        path TEXT NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS downloads_task_id ON downloads (task_id)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    # For people inspecting a journal with the sqlite3 shell.
+    """CREATE VIEW IF NOT EXISTS request_states AS
+        SELECT r.identity, r.state, s.custom_id, s.body, s.position, r.submission_id,
+            r.task_ids
+        FROM requests r LEFT JOIN requests s ON s.seq = (
+            SELECT max(seq) FROM requests WHERE identity = r.identity AND state = 'sending'
+        )
+        WHERE r.seq = (SELECT max(seq) FROM requests WHERE identity = r.identity)""",
+    """CREATE VIEW IF NOT EXISTS task_results AS
+        SELECT r.task_id, r.identity, r.idx, r.status, r.image_url, r.error_message,
+            r.task_type, r.raw,
+            (SELECT path FROM downloads d WHERE d.task_id = r.task_id
+             ORDER BY d.seq DESC LIMIT 1) AS path
+        FROM results r""",
 )
 
 _WRITES: Final = {
     "sending": (
         "INSERT INTO requests (identity, state, custom_id, body, position) "
-        "VALUES (?, 'sending', ?, ?, ?) ON CONFLICT (identity) DO UPDATE SET "
-        "state = 'sending', position = excluded.position, submission_id = NULL, "
-        "task_ids = NULL"
+        "VALUES (?, 'sending', ?, ?, ?)"
     ),
-    "state": "UPDATE requests SET state = ?2 WHERE identity = ?1",
+    "state": "INSERT INTO requests (identity, state) VALUES (?, ?)",
     "submitted": (
-        "UPDATE requests SET state = 'submitted', submission_id = ?2, task_ids = ?3 "
-        "WHERE identity = ?1"
+        "INSERT INTO requests (identity, state, submission_id, task_ids) "
+        "VALUES (?, 'submitted', ?, ?)"
     ),
     "result": (
         "INSERT INTO results (task_id, identity, idx, status, image_url, error_message, "
-        "task_type, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (task_id) DO NOTHING"
+        "task_type, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
     ),
-    "download": "UPDATE results SET path = ?2 WHERE task_id = ?1",
+    "download": "INSERT INTO downloads (task_id, path) VALUES (?, ?)",
     "meta": "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
 }
 
 _RESULTS_PAGE: Final = (
-    "SELECT r.task_id, r.identity, q.custom_id, q.body, r.idx, r.status, r.image_url, "
-    "r.error_message, r.task_type, r.raw, r.path FROM results r "
-    "LEFT JOIN requests q ON q.identity = r.identity "
-    "WHERE r.task_id > ? ORDER BY r.task_id LIMIT ?"
+    "SELECT r.seq, r.task_id, r.identity, s.custom_id, s.body, r.idx, r.status, "
+    "r.image_url, r.error_message, r.task_type, r.raw, "
+    "(SELECT path FROM downloads d WHERE d.task_id = r.task_id ORDER BY d.seq DESC LIMIT 1) "
+    "FROM results r LEFT JOIN requests s ON s.seq = ("
+    "SELECT max(seq) FROM requests WHERE identity = r.identity AND state = 'sending') "
+    "WHERE r.seq > ? ORDER BY r.seq LIMIT ?"
 )
 
 
@@ -251,21 +276,25 @@ class SQLiteJournal(Journal):
 
     def _load_sync(self) -> tuple[dict[str, RequestEntry], dict[str, StoredResult]]:
         connection = self._connected()
-        entries = {
-            identity: RequestEntry(
-                state, submission_id, tuple(json.loads(task_ids)) if task_ids else ()
-            )
-            for identity, state, submission_id, task_ids in connection.execute(
-                "SELECT identity, state, submission_id, task_ids FROM requests"
-            )
-        }
-        results = {
-            row[0]: StoredResult(*row[1:])
-            for row in connection.execute(
-                "SELECT task_id, idx, status, image_url, error_message, task_type, raw, "
-                "path FROM results"
-            )
-        }
+        entries: dict[str, RequestEntry] = {}
+        for identity, state, submission_id, task_ids in connection.execute(
+            "SELECT identity, state, submission_id, task_ids FROM requests ORDER BY seq"
+        ):
+            ids = tuple(json.loads(task_ids)) if task_ids else ()
+            entries[identity] = RequestEntry(state, submission_id, ids)
+        results: dict[str, StoredResult] = {}
+        for task_id, index, status, image_url, error, task_type, raw in connection.execute(
+            "SELECT task_id, idx, status, image_url, error_message, task_type, raw "
+            "FROM results ORDER BY seq"
+        ):
+            if task_id not in results:  # the first result of a task is its result
+                results[task_id] = StoredResult(
+                    index, status, image_url, error, task_type, raw, None
+                )
+        for task_id, path in connection.execute("SELECT task_id, path FROM downloads ORDER BY seq"):
+            stored = results.get(task_id)
+            if stored is not None:
+                stored.path = path
         return entries, results
 
     def _meta_sync(self, key: str) -> str | None:
@@ -274,19 +303,8 @@ class SQLiteJournal(Journal):
         return None if found is None else str(found[0])
 
     def _summary_sync(self) -> dict[str, int]:
-        connection = self._connected()
-        counts = dict.fromkeys((*STATES, "succeeded", "failed", "downloaded"), 0)
-        for state, count in connection.execute(
-            "SELECT state, count(*) FROM requests GROUP BY state"
-        ):
-            counts[state] = count
-        row: Any = connection.execute(
-            "SELECT count(*), coalesce(sum(status = 'SUCCEEDED'), 0), count(path) FROM results"
-        ).fetchone()
-        counts["succeeded"] = row[1]
-        counts["failed"] = row[0] - row[1]
-        counts["downloaded"] = row[2]
-        return counts
+        entries, results = self._load_sync()
+        return summarize(entries, results)
 
-    def _results_sync(self, after: str, limit: int) -> list[tuple[Any, ...]]:
-        return self._connected().execute(_RESULTS_PAGE, (after, limit)).fetchall()
+    def _results_sync(self, after: Any, limit: int) -> list[tuple[Any, ...]]:
+        return self._connected().execute(_RESULTS_PAGE, (after or 0, limit)).fetchall()
