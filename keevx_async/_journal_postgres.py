@@ -11,8 +11,8 @@ its connection close.
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 from itertools import groupby
 from typing import TYPE_CHECKING, Any, Final
 
