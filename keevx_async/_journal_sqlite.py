@@ -129,8 +129,9 @@ class SQLiteJournal(Journal):
     stdlib ``sqlite3`` in WAL mode, off the event loop on a worker thread, records
     grouped into transactions. One runner per file at a time (a second gets
     [`JournalLockedError`][keevx_async.JournalLockedError]); reading
-    (`summary`, `results`) works meanwhile. Inspect it with the ``sqlite3`` shell:
-    ``sqlite3 run.db "select state, count(*) from requests group by state"``.
+    (`summary`, `results`) works meanwhile. Its tables are append-only; inspect it with
+    the ``sqlite3`` shell through its views ``request_states`` and ``task_results``:
+    ``sqlite3 run.db "select state, count(*) from request_states group by state"``.
 
     Args:
         path: the journal file (created if missing; its directory must exist).
@@ -189,9 +190,11 @@ class SQLiteJournal(Journal):
             )
         if lock:
             self._take_lock()
+        # A reader opens the file read-only: reading never creates a journal.
+        target = path if lock else f"{path.absolute().as_uri()}?mode=ro"
         try:
             connection = sqlite3.connect(
-                path, check_same_thread=False, isolation_level=None, timeout=30.0
+                target, check_same_thread=False, isolation_level=None, timeout=30.0, uri=not lock
             )
         except sqlite3.Error as exc:
             self._release_lock()
@@ -235,18 +238,25 @@ class SQLiteJournal(Journal):
                 )
             if not write:
                 if version == 0:
-                    # Nothing written yet: an empty journal reads as empty.
-                    for statement in _SCHEMA:
-                        connection.execute(statement.replace("CREATE TABLE", "CREATE TEMP TABLE"))
+                    raise JournalError(
+                        f"journal {self.name} is empty or not a journal: no run has "
+                        "written to it yet",
+                        journal=self.name,
+                    )
                 return
             connection.execute("PRAGMA journal_mode = WAL")
             connection.execute(f"PRAGMA synchronous = {self.synchronous}")
+            connection.execute("BEGIN IMMEDIATE")
             if version < SCHEMA_VERSION:
-                connection.execute("BEGIN IMMEDIATE")
                 for statement in _SCHEMA:
                     connection.execute(statement)
                 connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                connection.execute("COMMIT")
+            # A write even with nothing to create: a journal that cannot be written fails
+            # here, before anything is sent, not at its first record.
+            connection.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('opened_at', datetime('now'))"
+            )
+            connection.execute("COMMIT")
         except sqlite3.Error as exc:
             raise self._error("open it", exc) from None
 

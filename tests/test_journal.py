@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from journal_support import break_results_table, journal_factory, postgres_schema
 from wiring import API_KEY, fake_in_thread
 
 import keevx_async as kx
 from keevx_async.testing import FakeKeevx
+from keevx_async.testing._file_host import png_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -361,6 +363,25 @@ async def test_a_corrupt_file_gives_a_clear_error_naming_it(tmp_path: Path) -> N
     assert fake.submit_calls == 0
 
 
+async def test_a_sqlite_journal_reads_plainly_through_its_views(tmp_path: Path) -> None:
+    path = tmp_path / "run.db"
+    async with _fake(fail_if=lambda prompt: prompt == "b") as fake, fake.client() as client:
+        async with client.batch(["a", "b"], journal=path, download_to=tmp_path) as batch:
+            await _drain(batch)
+    connection = sqlite3.connect(path)
+    try:
+        states = connection.execute(
+            "SELECT state, count(*) FROM request_states GROUP BY state"
+        ).fetchall()
+        saved = connection.execute(
+            "SELECT status, path IS NOT NULL FROM task_results ORDER BY status"
+        ).fetchall()
+    finally:
+        connection.close()
+    assert states == [("submitted", 2)]
+    assert saved == [("FAILED", 0), ("SUCCEEDED", 1)]
+
+
 async def test_a_journal_missing_its_tables_gives_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "run.db"
     connection = sqlite3.connect(path)
@@ -406,7 +427,8 @@ def _read_only(*paths: Path, on: bool) -> None:
         subprocess.run(["chattr", "+i", *map(str, paths)], check=True)  # noqa: S603,S607
 
 
-async def test_a_read_only_file_gives_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("directory_too", [False, True])
+async def test_a_read_only_file_gives_a_clear_error(tmp_path: Path, directory_too: bool) -> None:
     directory = tmp_path / "ro"
     directory.mkdir()
     path = directory / "run.db"
@@ -414,16 +436,19 @@ async def test_a_read_only_file_gives_a_clear_error(tmp_path: Path) -> None:
         async with client.batch(["a"], journal=path) as batch:
             await _drain(batch)
         (directory / "run.db-lock").unlink()
-        _read_only(path, directory, on=True)
+        read_only = (path, directory) if directory_too else (path,)
+        _read_only(*read_only, on=True)
         try:
             with pytest.raises(kx.JournalError) as caught:
                 async with client.batch(["b"], journal=path):
                     pass
         finally:
-            _read_only(path, directory, on=False)
+            _read_only(*read_only, on=False)
         assert fake.accepted_submits == 1
     assert str(path) in str(caught.value)
     assert caught.value.__cause__ is None
+    if not directory_too:
+        assert "permissions" in str(caught.value)
 
 
 async def test_a_missing_directory_gives_a_clear_error(tmp_path: Path) -> None:
@@ -434,6 +459,49 @@ async def test_a_missing_directory_gives_a_clear_error(tmp_path: Path) -> None:
     assert str(path) in str(caught.value)
     with pytest.raises(kx.JournalError, match="directory"):
         await kx.SQLiteJournal(tmp_path).summary()
+
+
+async def test_reading_a_missing_or_empty_file_gives_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.db"
+    with pytest.raises(kx.JournalError, match="cannot open it"):
+        await kx.SQLiteJournal(missing).summary()
+    assert not missing.exists()  # reading never creates a journal
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(kx.JournalError, match="empty or not a journal"):
+        await kx.SQLiteJournal(empty).summary()
+
+
+async def test_a_newer_postgres_schema_gives_a_clear_error() -> None:
+    with postgres_schema() as dsn:
+        await kx.PostgresJournal(dsn, run="r").summary()  # creates the tables
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            connection.execute("UPDATE keevx_runs SET schema_version = 99")
+        with pytest.raises(kx.JournalError, match="schema version 99"):
+            async with kx.PostgresJournal(dsn, run="r"):
+                pass
+
+
+async def test_identity_of_local_files_is_their_content(make_journal: Any, tmp_path: Path) -> None:
+    first, second = tmp_path / "one.png", tmp_path / "two.png"
+    first.write_bytes(png_bytes("vase"))
+    second.write_bytes(png_bytes("vase"))
+    async with _fake() as fake, fake.client() as client:
+        request = kx.ImageRequest("like this", reference_images=[first])
+        async with client.batch([request], journal=make_journal()) as batch:
+            await _drain(batch)
+        # The same bytes under another name: the same request.
+        moved = kx.ImageRequest("like this", reference_images=[second])
+        async with client.batch([moved], journal=make_journal()) as batch:
+            (again,) = await _drain(batch)
+        assert again.replayed
+        assert fake.accepted_submits == 1
+        # A file gone by the time the run reads it: the input's error, naming the field.
+        second.unlink()
+        async with client.batch([moved], journal=make_journal()) as batch:
+            with pytest.raises(kx.InvalidRequestError, match="cannot read") as caught:
+                await _drain(batch)
+    assert caught.value.field == "reference_images"
 
 
 def test_journal_arguments_are_checked(tmp_path: Path) -> None:
