@@ -889,6 +889,9 @@ class AsyncKeevx:
             CallbackError: the body is malformed. In both cases nothing changed.
             RouterError: the callback is for a task of another process and the router
                 could not record it: answer 503 so that the service delivers it again.
+            JournalError: the callback finished a task of a journaled batch and its
+                result could not be committed: answer 503 likewise. (With a journal,
+                this returns once the result is committed.)
         """
         intake = self._callbacks
         submission_id = intake.authenticate(None if url is None else token_from_url(url))

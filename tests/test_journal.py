@@ -324,11 +324,19 @@ async def test_the_run_keeps_its_callback_secret(make_journal: Any) -> None:
 
 async def test_a_secret_of_the_users_is_not_replaced(make_journal: Any) -> None:
     async with _fake() as fake, fake.client(callback_secret="mine") as client:
-        async with client.batch(["a"], journal=make_journal()) as batch:
-            await _drain(batch)
-        async with client.batch(["a"], journal=make_journal()) as batch:
-            await _drain(batch)
-    assert client._callbacks.signer.signing_key == b"mine"
+        for _ in range(2):
+            async with client.batch(["a"], journal=make_journal()) as batch:
+                await _drain(batch)
+        await client.submit(kx.ImageRequest("after the runs"))
+        url = next(t.callback_url for t in fake.tasks.values() if t.prompt == "after the runs")
+        # Still signed with the user's secret: another process sharing it verifies it.
+        async with fake.client(callback_secret="mine", deliver_callbacks=False) as other:
+            outcome = await other.feed_callback(_callback(fake.tasks[_id(url, fake)]), url=url)
+    assert outcome is kx.CallbackOutcome.BUFFERED
+
+
+def _id(url: str | None, fake: FakeKeevx) -> str:
+    return next(task_id for task_id, task in fake.tasks.items() if task.callback_url == url)
 
 
 # --- one runner at a time ---------------------------------------------------------
@@ -549,3 +557,17 @@ def test_the_sync_client_runs_a_journal(tmp_path: Path) -> None:
         assert fake.accepted_submits == 1
     assert not first[0].replayed
     assert again[0][0].task_id == first[0].task_id  # type: ignore[union-attr]
+
+
+async def test_a_task_re_attached_by_id_is_looked_up_at_once() -> None:
+    request = kx.ImageRequest("a fox")
+    async with _fake(lost_rate=1.0) as fake:
+        async with fake.client(reconcile_after=None) as client:
+            submission = await client.submit(request)
+        await fake.wait_idle()  # finished, its callback lost
+        async with fake.client() as client:  # reconcile_after: the default 300 s
+            task = await client.task(submission.task_ids[0], request=request)
+            with anyio.fail_after(10):
+                result = await task
+        assert result.task_id == submission.task_ids[0]
+        assert fake.get_calls == 1
