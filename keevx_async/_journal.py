@@ -202,6 +202,7 @@ class Journal:
         self._group = _Group()
         self._wakeup: anyio.Event | None = None
         self._writing = False
+        self._writer_running = False
         self._idle: anyio.Event | None = None
         self._opened = False
 
@@ -333,32 +334,50 @@ class Journal:
 
     async def _writer(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Commit the queued records, a group at a time, until cancelled."""
+        self._writer_running = True
         task_status.started()
-        while True:
-            if not self._queue:
-                if self._idle is not None:
-                    self._idle.set()
-                self._wakeup = anyio.Event()
-                await self._wakeup.wait()
-                continue
-            records, group = self._queue, self._group
-            self._queue, self._group = [], _Group()
-            error = None
-            self._writing = True
-            try:
-                await self._call(self._write_sync, records)
-            except JournalError as exc:
-                error = exc
-            finally:
-                self._writing = False
-            if error is not None:
-                logger.error("the journal %s could not be written: %s", self.name, error)
-            group.finish(error)
+        try:
+            while True:
+                if not self._queue:
+                    if self._idle is not None:
+                        self._idle.set()
+                    self._wakeup = anyio.Event()
+                    await self._wakeup.wait()
+                    continue
+                records, group = self._queue, self._group
+                self._queue, self._group = [], _Group()
+                error = None
+                self._writing = True
+                try:
+                    await self._call(self._write_sync, records)
+                except JournalError as exc:
+                    error = exc
+                finally:
+                    # Also when cancelled: a write that began always ends (a worker
+                    # thread is not interrupted), so its waiters learn how.
+                    self._writing = False
+                    if error is not None:
+                        logger.error("the journal %s could not be written: %s", self.name, error)
+                    group.finish(error)
+        finally:
+            self._writer_running = False
+            if self._queue:
+                # Never committed: whoever waits for these must not wait forever.
+                self._queue = []
+                self._group.finish(
+                    JournalError(
+                        f"journal {self.name}: the run stopped before these records were committed",
+                        journal=self.name,
+                    )
+                )
+                self._group = _Group()
+            if self._idle is not None:
+                self._idle.set()
 
     async def _drain(self) -> None:
-        """Wait until every queued record is committed (the writer must run)."""
+        """Wait until every queued record is committed (while the writer runs)."""
         with anyio.CancelScope(shield=True):
-            while self._queue or self._writing:
+            while (self._queue or self._writing) and self._writer_running:
                 self._idle = anyio.Event()
                 await self._idle.wait()
 

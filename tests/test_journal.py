@@ -7,6 +7,7 @@ import os
 import sqlite3
 import stat
 import subprocess
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -571,3 +572,26 @@ async def test_a_task_re_attached_by_id_is_looked_up_at_once() -> None:
                 result = await task
         assert result.task_id == submission.task_ids[0]
         assert fake.get_calls == 1
+
+
+async def test_a_cancelled_run_leaves_a_journal_that_resumes(make_journal: Any) -> None:
+    prompts = [f"p{i}" for i in range(8)]
+    async with _fake(lost_rate=1.0, latency=0.005) as fake:
+        async with fake.client(reconcile_after=None) as client:
+            with anyio.fail_after(10), anyio.CancelScope() as scope:
+                async with client.batch(prompts, journal=make_journal(), concurrency=2) as batch:
+                    while batch.submitted < 3:  # noqa: ASYNC110 - a batch has no event for it
+                        await anyio.sleep(0.001)
+                    scope.cancel()
+                    await anyio.sleep_forever()
+        fake.lost_rate = 0.0  # the new submits' callbacks come; the old ones were lost
+        async with fake.client() as client:
+            with anyio.fail_after(10):
+                async with client.batch(prompts, journal=make_journal()) as batch:
+                    tasks = await _drain(batch)
+        created = Counter(task.prompt for task in fake.tasks.values())
+    assert sorted(task.request.prompt for task in tasks) == sorted(prompts)
+    for task in tasks:
+        error = task.exception()
+        assert error is None or isinstance(error, kx.UnknownOutcomeError), error
+    assert max(created.values()) == 1  # nothing paid twice
