@@ -90,7 +90,8 @@ class Batch:
     The counters are live, for progress displays: ``requests_read``, ``submitting``,
     ``submitted`` and ``submit_failed`` count requests; ``in_flight``, ``pending`` and
     ``yielded`` count tasks, and with ``download_to`` so do ``saving``, ``saved`` and
-    ``save_failed``.
+    ``save_failed``; with a journal, ``replayed`` counts the finished tasks read back from
+    it.
 
     With ``download_to``, a successful task is yielded once its image is saved
     (``task.result().path``), or with the

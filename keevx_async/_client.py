@@ -642,12 +642,17 @@ class AsyncKeevx:
         callbacks may have come while nothing listened, so each is looked up at once."""
         await self._callbacks.register(tasks)
         reconciler = self._reconciler
+        if reconciler is None:
+            logger.warning(
+                "a resumed run waits again for %d unfinished task(s), but this client makes "
+                "no lookups (reconcile_after=None): each finishes only if its callback comes "
+                "again. Give the client a reconcile_after to look them up at once",
+                len(tasks),
+            )
+            return
         for task in tasks:
             assert task.task_id is not None  # recorded with its ID
-            if reconciler is not None:
-                reconciler.look_up_now(task.task_id)
-            else:
-                self._verify_by_lookup(task)
+            reconciler.look_up_now(task.task_id)
 
     async def generate_many(
         self,
