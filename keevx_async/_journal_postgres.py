@@ -132,6 +132,7 @@ class PostgresJournal(Journal):
         if not isinstance(run, str) or not run:
             raise ValueError(f"run must be a non-empty string; got {run!r}")
         self.dsn = dsn
+        """The connection string."""
         self.run = run
         """The run's name."""
         self._connection: Any = None

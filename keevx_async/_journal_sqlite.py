@@ -154,6 +154,7 @@ class SQLiteJournal(Journal):
         self.path = Path(path)
         """The journal file."""
         self.synchronous = synchronous
+        """SQLite's ``synchronous`` setting for the journal."""
         self._connection: sqlite3.Connection | None = None
         self._database_errors = (sqlite3.Error,)
         self._lock_file: IO[bytes] | None = None
