@@ -432,7 +432,7 @@ class Batch:
         if entry is None or entry.state != SUBMITTED or run is None:
             return False
         stored = [run.stored_result(task_id) for task_id in entry.task_ids]
-        if None in stored:
+        if any(result is None for result in stored):
             return False
         for task_id, result in zip(entry.task_ids, stored, strict=True):
             assert result is not None  # checked above

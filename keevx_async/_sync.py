@@ -621,6 +621,11 @@ class SyncBatch:
         """Tasks yielded so far."""
         return self._batch.yielded
 
+    @property
+    def replayed(self) -> int:
+        """Finished tasks a journaled run read back from its journal (no network call)."""
+        return self._batch.replayed
+
 
 # --- the client ------------------------------------------------------------------------
 

@@ -554,9 +554,13 @@ def test_the_sync_client_runs_a_journal(tmp_path: Path) -> None:
         with kx.Keevx(api_key=API_KEY, base_url=fake.base_url) as client:
             with client.batch(["a"], journal=tmp_path / "run.db") as batch:
                 first = list(batch)
+            with client.batch(["a"], journal=tmp_path / "run.db") as batch:
+                assert [task.replayed for task in batch] == [True]
+            assert batch.replayed == 1
             again = client.generate_many(["a"], journal=tmp_path / "run.db")
         assert fake.accepted_submits == 1
     assert not first[0].replayed
+    assert first[0].custom_id is None
     assert again[0][0].task_id == first[0].task_id  # type: ignore[union-attr]
 
 
