@@ -26,6 +26,8 @@ from ._exceptions import (
     ClientClosedError,
     DownloadError,
     InvalidRequestError,
+    JournalError,
+    JournalLockedError,
     KeevxError,
     RateLimitError,
     RouterError,
@@ -34,8 +36,12 @@ from ._exceptions import (
     TaskPendingError,
     TaskTimeoutError,
     TransportError,
+    UnknownOutcomeError,
     UnknownTaskError,
 )
+from ._journal import Journal, JournalResult
+from ._journal_postgres import PostgresJournal
+from ._journal_sqlite import SQLiteJournal
 from ._kinds import VideoRequest, VideoResult
 from ._models import (
     CallbackOutcome,
@@ -72,13 +78,19 @@ __all__ = [
     "ImageRequest",
     "ImageResult",
     "InvalidRequestError",
+    "Journal",
+    "JournalError",
+    "JournalLockedError",
+    "JournalResult",
     "Keevx",
     "KeevxError",
     "LocalRouter",
+    "PostgresJournal",
     "RateLimitError",
     "RedisRouter",
     "RouterError",
     "RouterHost",
+    "SQLiteJournal",
     "ServerError",
     "Submission",
     "SyncBatch",
@@ -92,6 +104,7 @@ __all__ = [
     "TaskSnapshot",
     "TaskTimeoutError",
     "TransportError",
+    "UnknownOutcomeError",
     "UnknownTaskError",
     "UploadedFile",
     "VideoRequest",

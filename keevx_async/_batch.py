@@ -17,9 +17,17 @@ from typing import TYPE_CHECKING, Final, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from ._checks import check_int, check_seconds
-from ._exceptions import DownloadError, KeevxError, TaskTimeoutError
+from ._exceptions import (
+    DownloadError,
+    JournalError,
+    KeevxError,
+    TaskTimeoutError,
+    UnknownOutcomeError,
+)
+from ._journal import SENDING, SUBMITTED, UNKNOWN, JournalRun, RequestEntry, replayed_task
 from ._kinds import is_request
 from ._models import ImageRequest, TaskRequest
 from ._task import LookupDriver, Submission, Task
@@ -28,6 +36,7 @@ from ._taskgroups import enter_task_group, exit_task_group
 logger = logging.getLogger("keevx_async")
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from types import TracebackType
 
     from typing_extensions import Self
@@ -37,6 +46,9 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_MAX_PENDING", "Batch", "as_request", "collect_aligned"]
 
 DEFAULT_MAX_PENDING: Final = 10_000
+# A resumed run replays finished requests without a checkpoint; it lets the event loop
+# run once per this many.
+_REPLAY_CHECKPOINT: Final = 256
 
 _T = TypeVar("_T")
 
@@ -82,7 +94,8 @@ class Batch:
     The counters are live, for progress displays: ``requests_read``, ``submitting``,
     ``submitted`` and ``submit_failed`` count requests; ``in_flight``, ``pending`` and
     ``yielded`` count tasks, and with ``download_to`` so do ``saving``, ``saved`` and
-    ``save_failed``.
+    ``save_failed``; with a journal, ``replayed`` counts the finished tasks read back from
+    it.
 
     With ``download_to``, a successful task is yielded once its image is saved
     (``task.result().path``), or with the
@@ -112,6 +125,9 @@ class Batch:
         max_pending: int = DEFAULT_MAX_PENDING,
         save: Callable[[AnyResult], Awaitable[AnyResult]] | None = None,
         savers: int = 1,
+        journal: JournalRun | None = None,
+        resume: Callable[[Sequence[Task]], Awaitable[None]] | None = None,
+        journaled: Callable[[int], None] | None = None,
     ) -> None:
         timeout = check_seconds("timeout", timeout, none_ok=True)
         self._max_pending = check_int("max_pending", max_pending, minimum=1)
@@ -122,6 +138,12 @@ class Batch:
         self._concurrency = concurrency
         self._timeout = timeout
         self._save = save
+        self._journal = journal
+        self._resume_tasks = resume
+        self._journaled = journaled
+        self._journal_error: JournalError | None = None
+        # Finished tasks whose record the journal is committing (yielded once it is).
+        self._committing = 0
         self._saving = 0
         # Finished tasks whose image is to be saved, taken in turn by at most `savers`
         # tasks of the batch: no task per image, however many finish at once.
@@ -150,6 +172,8 @@ class Batch:
         """Images saved by ``download_to`` so far."""
         self.save_failed = 0
         """Images whose download failed (each task yielded with a ``DownloadError``)."""
+        self.replayed = 0
+        """Finished tasks a journaled run read back from its journal (no network call)."""
 
     @property
     def in_flight(self) -> int:
@@ -159,7 +183,7 @@ class Batch:
     @property
     def pending(self) -> int:
         """Tasks submitted and not yielded yet (finished or not, being saved included)."""
-        return len(self._outstanding) + self._saving + len(self._completed)
+        return len(self._outstanding) + self._saving + self._committing + len(self._completed)
 
     @property
     def saving(self) -> int:
@@ -177,6 +201,17 @@ class Batch:
         if self._task_group is not None:
             raise RuntimeError("a batch runs once: make a new one with client.batch(...)")
         self._task_group = task_group = await enter_task_group()
+        run = self._journal
+        if run is not None:
+            await task_group.start(run.journal._writer)
+            try:
+                await run.start()
+            except BaseException:
+                self._task_group = None
+                await exit_task_group(task_group)
+                raise
+            if self._journaled is not None:
+                self._journaled(1)
         task_group.start_soon(self._produce)
         if self._lookups is not None and not self._lookups.hosted:
             # A client that is not entered: the batch makes its lookups while it runs.
@@ -193,16 +228,26 @@ class Batch:
     ) -> bool | None:
         task_group = self._task_group
         assert task_group is not None
+        run = self._journal
         try:
+            if run is not None:
+                # What the run recorded behind (task IDs, results) is written first.
+                await run.journal._drain()
             await exit_task_group(task_group)  # children never raise
         finally:
             self._release()
+            if run is not None:
+                if self._journaled is not None:
+                    self._journaled(-1)
+                await run.finish()
         return None
 
     def _release(self) -> None:
         for task in self._outstanding:
             task._sink = None
             self._abandon(task)
+            if self._journal is not None:
+                self._journal.forget(task)
         self._outstanding.clear()
         self._deadlines.clear()
         self._completed.clear()
@@ -217,6 +262,10 @@ class Batch:
         if self._task_group is None:
             raise RuntimeError("iterate a batch inside `async with client.batch(...) as batch:`")
         while True:
+            if self._journal_error is not None:
+                # The run can no longer record what happens: nothing more is reported
+                # done that a crash could lose.
+                raise self._journal_error
             if self._completed:
                 self.yielded += 1
                 if self._room is not None:
@@ -227,6 +276,7 @@ class Batch:
                 and not self._submitting
                 and not self._outstanding
                 and not self._saving
+                and not self._committing
             ):
                 if self._input_error is not None:
                     # Only now: every request read before the bad one has been reported.
@@ -247,8 +297,28 @@ class Batch:
         self._collect(task)
 
     def _collect(self, task: Task) -> None:
-        """A finished task: to be yielded now, or once its image is saved."""
-        if self._save is None or task._result is None:
+        """A finished task: to be yielded now, or once its image is saved; in a
+        journaled run, once its result is committed."""
+        run = self._journal
+        if run is not None and not task.replayed and run.records(task):
+            group = run.result(task)
+            task._durable = group
+            self._committing += 1
+            group.then(self._committed, task)
+            return
+        self._collect_recorded(task)
+
+    def _committed(self, task: Task, error: JournalError | None) -> None:
+        self._committing -= 1
+        task._durable = None
+        if error is not None:
+            self._journal_error = error
+            self._wake()
+        else:
+            self._collect_recorded(task)
+
+    def _collect_recorded(self, task: Task) -> None:
+        if self._save is None or task._result is None or task._result.path is not None:
             self._completed.append(task)
             self._wake()
             return
@@ -276,6 +346,8 @@ class Batch:
         # A semaphore, not a CapacityLimiter: the slot is released by the submitting task.
         slots = anyio.Semaphore(self._concurrency)
         position = 0
+        holding = False  # a slot taken and not handed to a submit yet
+        run = self._journal
         try:
             async with aclosing(_aiterate(self._requests)) as items:
                 while True:
@@ -285,24 +357,132 @@ class Batch:
                         self._room = anyio.Event()
                         await self._room.wait()
                     # Take a slot before reading: input is consumed only as fast as it is sent.
-                    await slots.acquire()
+                    if not holding:
+                        await slots.acquire()
+                        holding = True
                     try:
                         item = await items.__anext__()
                     except StopAsyncIteration:
-                        slots.release()
                         break
                     request = as_request(item, position)
                     self.requests_read += 1
-                    self._submitting += 1
-                    task_group.start_soon(self._submit_one, request, position, slots)
+                    if run is None:
+                        self._submitting += 1
+                        task_group.start_soon(self._submit_one, request, position, slots)
+                    else:
+                        identity, body = await run.identify(request)
+                        if self._replay(request, position, run.entry(identity)):
+                            # Finished before: no submit, the slot is kept for the next.
+                            position += 1
+                            if position % _REPLAY_CHECKPOINT == 0:
+                                await anyio.lowlevel.checkpoint()
+                            continue
+                        self._submitting += 1
+                        task_group.start_soon(
+                            self._submit_one, request, position, slots, identity, body
+                        )
+                    holding = False
                     position += 1
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, never swallowed
             self._input_error = exc
         finally:
+            if holding:
+                slots.release()
             self._input_done = True
             self._wake()
 
-    async def _submit_one(self, request: AnyRequest, position: int, slots: anyio.Semaphore) -> None:
+    async def _submit_one(
+        self,
+        request: AnyRequest,
+        position: int,
+        slots: anyio.Semaphore,
+        identity: str | None = None,
+        body: str = "",
+    ) -> None:
+        run = self._journal
+        try:
+            if run is not None and identity is not None:
+                entry = run.entry(identity)
+                if entry is not None and entry.state == SUBMITTED:
+                    await self._resume(request, position, identity, entry)
+                    return
+                if (
+                    entry is not None
+                    and entry.state in (SENDING, UNKNOWN)
+                    and not run.resubmit_unknown
+                ):
+                    self.submit_failed += 1
+                    error = UnknownOutcomeError(request=request, identity=identity)
+                    self._fail(request, position, error)
+                    return
+                await run.sending(identity, request, body, position)
+            await self._submit_recorded(request, position, run, identity)
+        except JournalError as exc:
+            self._journal_error = exc
+        finally:
+            self._submitting -= 1
+            slots.release()
+            self._wake()
+
+    def _fail(self, request: AnyRequest, position: int, error: KeevxError) -> None:
+        failed = Task._not_submitted(request, error)
+        failed.position = position
+        self._completed.append(failed)
+
+    def _replay(self, request: AnyRequest, position: int, entry: RequestEntry | None) -> bool:
+        """Yield a request's tasks from the journal if every one of them finished before;
+        whether it did."""
+        run = self._journal
+        if entry is None or entry.state != SUBMITTED or run is None:
+            return False
+        stored = [run.stored_result(task_id) for task_id in entry.task_ids]
+        if any(result is None for result in stored):
+            return False
+        for task_id, result in zip(entry.task_ids, stored, strict=True):
+            assert result is not None  # checked above
+            task = replayed_task(Task, task_id, request, result)
+            task.position = position
+            self.replayed += 1
+            self._collect_recorded(task)
+        return True
+
+    async def _resume(
+        self, request: AnyRequest, position: int, identity: str, entry: RequestEntry
+    ) -> None:
+        """A request submitted before: its finished tasks replayed from the journal, the
+        others re-attached by ID (and looked up at once)."""
+        run = self._journal
+        assert run is not None
+        unfinished: list[Task] = []
+        for index, task_id in enumerate(entry.task_ids):
+            stored = run.stored_result(task_id)
+            if stored is not None:
+                task = replayed_task(Task, task_id, request, stored)
+                task.position = position
+                self.replayed += 1
+                self._collect_recorded(task)
+            else:
+                task = Task(
+                    task_id,
+                    request,
+                    index,
+                    submission_id=entry.submission_id,
+                    lookups=self._lookups,
+                )
+                unfinished.append(task)
+        if unfinished:
+            run.attach(identity, unfinished)
+            if self._resume_tasks is not None:
+                await self._resume_tasks(unfinished)
+            self._accept(unfinished, position)
+
+    async def _submit_recorded(
+        self,
+        request: AnyRequest,
+        position: int,
+        run: JournalRun | None,
+        identity: str | None,
+    ) -> None:
         try:
             submission = await self._submit(request)
         except Exception as exc:  # reported as this request's error, below
@@ -316,13 +496,21 @@ class Batch:
                 )
                 exc = _unexpected(exc)
             self.submit_failed += 1
-            failed = Task._not_submitted(request, exc)
-            failed.position = position
-            self._completed.append(failed)
+            if run is not None and identity is not None:
+                run.failed(identity, exc.maybe_created)
+            self._fail(request, position, exc)
         else:
             self.submitted += 1
+            if run is not None and identity is not None:
+                tasks = submission.tasks
+                run.submitted(identity, tasks[0].submission_id if tasks else None, tasks)
+            self._accept(submission.tasks, position)
+
+    def _accept(self, tasks: Sequence[Task], position: int) -> None:
+        """Wait for the tasks of a submission (or a resumed one) to finish."""
+        if tasks:
             deadline = None if self._timeout is None else anyio.current_time() + self._timeout
-            for task in submission.tasks:
+            for task in tasks:
                 task.position = position
                 if task.done():  # an early callback was waiting for it
                     self._collect(task)
@@ -334,10 +522,6 @@ class Batch:
             self._compact_deadlines()
             if self._timer_wakeup is not None:
                 self._timer_wakeup.set()
-        finally:
-            self._submitting -= 1
-            slots.release()
-            self._wake()
 
     async def _save_one(
         self,
@@ -363,8 +547,21 @@ class Batch:
         else:
             self.saved += 1
             task._settle_file(saved, None)
+            if self._journal is not None:
+                self._saving -= 1
+                self._committing += 1
+                self._journal.downloaded(saved).then(self._committed_file, task)
+                return
         self._saving -= 1
         self._completed.append(task)
+        self._wake()
+
+    def _committed_file(self, task: Task, error: JournalError | None) -> None:
+        self._committing -= 1
+        if error is not None:
+            self._journal_error = error
+        else:
+            self._completed.append(task)
         self._wake()
 
     def _compact_deadlines(self) -> None:
@@ -395,6 +592,8 @@ class Batch:
                 continue
             deadlines.popleft()
             self._abandon(task)
+            if self._journal is not None:
+                self._journal.forget(task)
             task._finish(
                 None, TaskTimeoutError(task_id=task.task_id, timeout=timeout, request=task.request)
             )

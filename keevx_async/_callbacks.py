@@ -81,6 +81,7 @@ class CallbackIntake:
     __slots__ = (
         "_callback_hint",
         "_counters",
+        "_journaled",
         "_secret_hint",
         "_shares",
         "registry",
@@ -117,6 +118,7 @@ class CallbackIntake:
             "service (a public URL routed to client.callback_app) and answers 200"
         )
         self._shares = router.shares_callbacks
+        self._journaled = 0  # journaled batches running: their results are committed first
 
     # --- tasks ------------------------------------------------------------------------
 
@@ -127,6 +129,12 @@ class CallbackIntake:
             return None, callback_url
         submission_id, token = self.signer.issue()
         return submission_id, attach_token(callback_url, token, self.token_in)
+
+    def count_journaled(self, change: int) -> None:
+        """A journaled batch started (``+1``) or ended (``-1``): while one runs, a
+        callback that resolves one of its tasks is answered once the result is
+        committed."""
+        self._journaled += change
 
     async def register(self, tasks: Sequence[Task]) -> None:
         """Wait here for the tasks of one submission (and claim them with the router).
@@ -233,14 +241,20 @@ class CallbackIntake:
             self._counters.callbacks_malformed += 1
             logger.warning("rejected a malformed callback: %s", exc)
             raise CallbackError(str(exc), field=exc.field) from None
-        if not self._shares:
+        if not self._shares and not self._journaled:
             return self.registry.apply(payload, submission_id)
         task = self.registry.get(payload.task_id)
-        if task is None and payload.done:
+        if self._shares and task is None and payload.done:
             return self._forward(payload, submission_id)
         outcome = self.registry.apply(payload, submission_id)
         if outcome is CallbackOutcome.RESOLVED and task is not None:
-            self.router.finished(payload, task.submission_id)
+            if self._shares:
+                self.router.finished(payload, task.submission_id)
+            durable = task._durable
+            if durable is not None:
+                # A journaled batch's task: answered once its result is committed.
+                awaitable: Awaitable[CallbackOutcome] = durable.wait_then(outcome)
+                return awaitable
         return outcome
 
     async def _forward(

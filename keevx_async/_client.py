@@ -39,6 +39,7 @@ from ._files import (
     build_download_client,
 )
 from ._http import HTTPEngine, build_http_client, read_envelope
+from ._journal import Journal, JournalRun, as_journal
 from ._kinds import KINDS, Kind, VideoRequest, kind_of, kind_of_result, kind_of_task_id
 from ._models import (
     CallbackOutcome,
@@ -283,10 +284,12 @@ class AsyncKeevx:
             max_retries=max_retries,
             max_retry_wait=self.max_retry_wait,
         )
+        if callback_secret is None:
+            callback_secret = _secret_from_env()
+        # Without a secret of the user's, a journaled run keeps its own in the journal.
+        self._secret_given = callback_secret is not None
         self._callbacks = CallbackIntake(
-            signer=CallbackSigner(
-                callback_secret if callback_secret is not None else _secret_from_env()
-            ),
+            signer=CallbackSigner(callback_secret),
             registry=TaskRegistry(
                 max_early=max_early_callbacks,
                 early_max_age=early_callback_max_age,
@@ -575,6 +578,8 @@ class AsyncKeevx:
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> Batch:
         """A [`Batch`][keevx_async.Batch]: submit many requests while their results stream in.
 
@@ -611,10 +616,37 @@ class AsyncKeevx:
                 [`DownloadError`][keevx_async.DownloadError] as its error, whose
                 ``result`` keeps the image's result. Downloads run beside the submits,
                 at most ``max_downloads`` at once, and count as pending.
+            journal: the run's durable record: a path (a
+                [`SQLiteJournal`][keevx_async.SQLiteJournal] file) or a
+                [`Journal`][keevx_async.Journal]. Each submit is recorded before it is
+                sent, each result before it is yielded (and before its callback is
+                answered), each saved file likewise. Running the same input against it
+                again resumes: finished tasks are replayed (``task.replayed``) with no
+                network call, unfinished ones re-attached and looked up at once,
+                requests never sent (or refused) submitted, and requests whose submit
+                outcome is unknown yielded with
+                [`UnknownOutcomeError`][keevx_async.UnknownOutcomeError]. See the
+                [durable runs guide](../guides/durable-runs.md).
+            resubmit_unknown: with ``journal``, send requests whose outcome is unknown
+                (``sending``/``unknown``) again, at the risk of paying twice.
 
         Raises:
             NotADirectoryError: ``download_to`` is an existing file.
+            TypeError: ``journal`` is neither a path nor a ``Journal``.
         """
+        resubmit_unknown = check_bool("resubmit_unknown", resubmit_unknown)
+        run = None
+        if journal is not None:
+            signer = self._callbacks.signer
+            run = JournalRun(
+                as_journal(journal),
+                resubmit_unknown=resubmit_unknown,
+                adopt_secret=(
+                    None
+                    if self._secret_given or not self.verify_callbacks
+                    else (signer.signing_key, signer.adopt)
+                ),
+            )
         limit = (
             self.max_concurrency
             if concurrency is None
@@ -638,7 +670,27 @@ class AsyncKeevx:
             max_pending=max_pending,
             save=save,
             savers=self._downloader.max_downloads,
+            journal=run,
+            resume=self._resume_tasks,
+            journaled=self._callbacks.count_journaled,
         )
+
+    async def _resume_tasks(self, tasks: Sequence[Task]) -> None:
+        """Wait again for the unfinished tasks of a submission a journal recorded: their
+        callbacks may have come while nothing listened, so each is looked up at once."""
+        await self._callbacks.register(tasks)
+        reconciler = self._reconciler
+        if reconciler is None:
+            logger.warning(
+                "a resumed run waits again for %d unfinished task(s), but this client makes "
+                "no lookups (reconcile_after=None): each finishes only if its callback comes "
+                "again. Give the client a reconcile_after to look them up at once",
+                len(tasks),
+            )
+            return
+        for task in tasks:
+            assert task.task_id is not None  # recorded with its ID
+            reconciler.look_up_now(task.task_id)
 
     @overload
     async def generate_many(
@@ -648,6 +700,8 @@ class AsyncKeevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[ImageResult | KeevxError]]: ...
     @overload
     async def generate_many(
@@ -657,6 +711,8 @@ class AsyncKeevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[AnyResult | KeevxError]]: ...
     async def generate_many(
         self,
@@ -665,6 +721,8 @@ class AsyncKeevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[Any]]:
         """Submit every request and wait for all; a list in, a list out.
 
@@ -673,7 +731,8 @@ class AsyncKeevx:
         a one-item list holding the submission error. Never raises for a single task.
         With ``download_to``, every image is saved there as in `batch` (each result's
         ``path`` set; a failed download's [`DownloadError`][keevx_async.DownloadError]
-        in its result's place).
+        in its result's place). With ``journal`` (and ``resubmit_unknown``), the run is
+        durable and resumes as in `batch`.
 
         Raises:
             TypeError, InvalidRequestError: an item is not a valid request. A list (any
@@ -684,7 +743,12 @@ class AsyncKeevx:
             # A list is checked whole before anything is sent (and paid for).
             requests = [as_request(item, position) for position, item in enumerate(requests)]
         async with self.batch(
-            requests, concurrency=concurrency, timeout=timeout, download_to=download_to
+            requests,
+            concurrency=concurrency,
+            timeout=timeout,
+            download_to=download_to,
+            journal=journal,
+            resubmit_unknown=resubmit_unknown,
         ) as running:
             return await collect_aligned(running)
 
@@ -905,6 +969,9 @@ class AsyncKeevx:
             CallbackError: the body is malformed. In both cases nothing changed.
             RouterError: the callback is for a task of another process and the router
                 could not record it: answer 503 so that the service delivers it again.
+            JournalError: the callback finished a task of a journaled batch and its
+                result could not be committed: answer 503 likewise. (With a journal,
+                this returns once the result is committed.)
         """
         intake = self._callbacks
         submission_id = intake.authenticate(None if url is None else token_from_url(url))

@@ -16,7 +16,10 @@ KeevxError
 │   └── CallbackAuthError        a callback without a valid token for its task
 ├── RouterError                  (also a ConnectionError) the callback router's store failed
 ├── UnknownTaskError             (also a LookupError) ``client.task()`` of a task nobody knows
-└── DownloadError                a result file could not be downloaded and saved
+├── DownloadError                a result file could not be downloaded and saved
+├── UnknownOutcomeError          a journaled request whose submit outcome is unknown
+└── JournalError                 a run's journal could not be opened, read or written
+    └── JournalLockedError       another runner holds the run's journal
 ```
 
 Errors raised by ``submit`` carry ``maybe_created``: ``True`` when the service may have
@@ -40,6 +43,8 @@ __all__ = [
     "CallbackError",
     "DownloadError",
     "InvalidRequestError",
+    "JournalError",
+    "JournalLockedError",
     "KeevxError",
     "RateLimitError",
     "RouterError",
@@ -48,6 +53,7 @@ __all__ = [
     "TaskPendingError",
     "TaskTimeoutError",
     "TransportError",
+    "UnknownOutcomeError",
     "UnknownTaskError",
 ]
 
@@ -321,3 +327,50 @@ class DownloadError(KeevxError):
         self.status_code = status_code
         self.result = result
         super().__init__(message)
+
+
+class UnknownOutcomeError(KeevxError):
+    """A journaled request whose submit may have created (and billed) tasks, although no
+    task ID was recorded: the run crashed after it was sent, or the submit failed with
+    ``maybe_created=True``.
+
+    A resumed run does not send such a request again (that could pay twice): it reports
+    it as a task with ``task_id=None`` and this error, unless the batch was given
+    ``resubmit_unknown=True``. ``maybe_created`` is always ``True``.
+
+    Attributes:
+        request: the request whose outcome is unknown.
+        identity: the request's identity in the journal.
+    """
+
+    maybe_created = True
+
+    def __init__(self, *, request: AnyRequest, identity: str) -> None:
+        self.request = request
+        self.identity = identity
+        super().__init__(
+            f"the submit of request {identity} may have created tasks, but no task ID was "
+            "recorded (a crash after it was sent, or an ambiguous failure): it is not sent "
+            "again; pass resubmit_unknown=True to send it anyway (and maybe pay twice)"
+        )
+
+
+class JournalError(KeevxError):
+    """A run's journal could not be opened, read or written.
+
+    The message names the journal (its file, or its run) and the cause. Within a batch
+    a journal that cannot be written stops the run: nothing may be reported done that
+    a crash could lose. ``callback_app`` answers a callback it could not record with
+    503, so that the service delivers it again.
+
+    Attributes:
+        journal: the journal's file path or run name.
+    """
+
+    def __init__(self, message: str, *, journal: str) -> None:
+        self.journal = journal
+        super().__init__(message)
+
+
+class JournalLockedError(JournalError):
+    """Another runner holds the run's journal: one runner per run at a time."""

@@ -378,7 +378,9 @@ class ImageRequest(TaskRequest):
             client's ``callback_url``.
         custom_id: your own identifier of the request (a CSV row's ID, say), 1..256
             characters; never sent to the service, kept on the request, its tasks and
-            their results (``task.custom_id``, ``result.custom_id``).
+            their results (``task.custom_id``, ``result.custom_id``). In a journaled run
+            it is the request's identity (see [durable runs](../guides/durable-runs.md)),
+            so it must be unique in the run.
 
     Example:
         >>> import keevx_async as kx

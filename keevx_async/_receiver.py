@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 
-from ._exceptions import CallbackAuthError, CallbackError, RouterError
+from ._exceptions import CallbackAuthError, CallbackError, JournalError, RouterError
 from ._models import CallbackOutcome
 from ._tokens import token_from_target
 
@@ -60,7 +60,8 @@ class CallbackApp:
     early callbacks: feeding is idempotent); malformed -> 400; bad or missing token -> 401;
     body over ``max_body_size`` -> 413; a body still incomplete after ``body_timeout``
     seconds -> 408; other methods -> 405; a callback the client's router could not
-    record -> 503 with ``Retry-After``, so the service delivers it again.
+    record, or a result a journaled batch could not commit -> 503 with ``Retry-After``,
+    so the service delivers it again.
     """
 
     __slots__ = ("_authenticate", "_feed", "body_timeout", "max_body_size")
@@ -129,6 +130,13 @@ class CallbackApp:
         except CallbackError as exc:
             return 400, _error_body(400, str(exc))
         except RouterError as exc:
+            return 503, _error_body(503, str(exc))
+        except JournalError as exc:
+            logger.warning(
+                "answered a callback 503 (the service will deliver it again): its result "
+                "could not be committed to the run's journal: %s",
+                exc,
+            )
             return 503, _error_body(503, str(exc))
         return 200, _OK
 

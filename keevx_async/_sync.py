@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
     from ._batch import Batch
     from ._exceptions import KeevxError
+    from ._journal import Journal
     from ._kinds import AnyResult, VideoRequest, VideoResult
     from ._models import (
         CallbackOutcome,
@@ -469,6 +470,11 @@ class SyncTask:
         """In a batch, the position of the task's request in the input; else ``None``."""
         return self._task.position
 
+    @property
+    def replayed(self) -> bool:
+        """Whether a resumed journaled run read the task back from its journal."""
+        return self._task.replayed
+
     def done(self) -> bool:
         """Whether the task has finished, successfully or not. Never blocks."""
         return self._task.done()
@@ -624,6 +630,11 @@ class SyncBatch:
     def yielded(self) -> int:
         """Tasks yielded so far."""
         return self._batch.yielded
+
+    @property
+    def replayed(self) -> int:
+        """Finished tasks a journaled run read back from its journal (no network call)."""
+        return self._batch.replayed
 
 
 # --- the client ------------------------------------------------------------------------
@@ -876,6 +887,8 @@ class Keevx:
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> SyncBatch:
         """A [`SyncBatch`][keevx_async.SyncBatch]: submit many requests while their
         results stream in.
@@ -909,6 +922,11 @@ class Keevx:
             download_to: a directory: each successful task is yielded once its file is
                 saved there (``task.result().path``); a failed download yields the task
                 with its [`DownloadError`][keevx_async.DownloadError].
+            journal: the run's durable record, a path or a
+                [`Journal`][keevx_async.Journal]: run the same input again after a crash
+                and it resumes (see [`AsyncKeevx.batch`][keevx_async.AsyncKeevx.batch]).
+            resubmit_unknown: with ``journal``, send requests whose outcome is unknown
+                again, at the risk of paying twice.
         """
         running = self._runner.run_sync(
             functools.partial(
@@ -918,6 +936,8 @@ class Keevx:
                 timeout=timeout,
                 max_pending=max_pending,
                 download_to=download_to,
+                journal=journal,
+                resubmit_unknown=resubmit_unknown,
             )
         )
         return SyncBatch(running, self)
@@ -930,6 +950,8 @@ class Keevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[ImageResult | KeevxError]]: ...
     @overload
     def generate_many(
@@ -939,6 +961,8 @@ class Keevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[AnyResult | KeevxError]]: ...
     def generate_many(
         self,
@@ -947,6 +971,8 @@ class Keevx:
         concurrency: int | None = None,
         timeout: float | None = None,
         download_to: str | os.PathLike[str] | None = None,
+        journal: str | os.PathLike[str] | Journal | None = None,
+        resubmit_unknown: bool = False,
     ) -> list[list[Any]]:
         """Submit every request and wait for all; a list in, a list out.
 
@@ -954,7 +980,8 @@ class Keevx:
         with each failed task's error in its place; a request whose submit failed gives
         a one-item list holding the submission error. Never raises for a single task.
         ``requests`` is read as by `batch`; with ``download_to``, each result is saved
-        there first (``result.path``), as by `batch`.
+        there first (``result.path``), as by `batch`; with ``journal``, the run is
+        durable and resumes, as by `batch`.
 
         Raises:
             TypeError, InvalidRequestError: an item is not a valid request. A list (any
@@ -967,6 +994,8 @@ class Keevx:
                 concurrency=concurrency,
                 timeout=timeout,
                 download_to=download_to,
+                journal=journal,
+                resubmit_unknown=resubmit_unknown,
             )
         )
 

@@ -91,10 +91,13 @@ class Task(Generic[ResultT]):
             (0-based; ``None`` outside a batch). Tasks of one request share it.
         submission_id: the ID the client gave the submission (bound to its callback
             token); ``None`` where callbacks are not verified.
+        replayed: ``True`` for a task a resumed journaled run read back from its journal,
+            finished, with no network call (see ``batch(..., journal=...)``).
     """
 
     __slots__ = (
         "__weakref__",
+        "_durable",
         "_error",
         "_error_tb",
         "_lookups",
@@ -103,6 +106,7 @@ class Task(Generic[ResultT]):
         "_waiters",
         "index",
         "position",
+        "replayed",
         "request",
         "status",
         "submission_id",
@@ -131,6 +135,10 @@ class Task(Generic[ResultT]):
         self._sink: CompletionSink | None = None
         self._lookups = lookups
         self.position: int | None = None
+        self.replayed = False
+        # The journal commit its result waits for, while a journaled batch records it
+        # (a callback is answered only once that commit is done).
+        self._durable: Any = None
 
     @classmethod
     def _not_submitted(cls, request: AnyRequest, error: KeevxError) -> Self:

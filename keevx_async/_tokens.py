@@ -105,6 +105,15 @@ class CallbackSigner:
             _URLSAFE
         )
 
+    @property
+    def signing_key(self) -> bytes:
+        """The secret that signs new tokens."""
+        return self._keys[0]
+
+    def adopt(self, key: bytes) -> None:
+        """Sign with ``key`` from now on; the secrets before it still verify."""
+        self._keys = (key, *(k for k in self._keys if k != key))
+
     def issue(self) -> tuple[str, str]:
         """A fresh ``(submission_id, token)`` pair."""
         submission_id = secrets.token_urlsafe(12)

@@ -354,7 +354,7 @@ def decode_request(body: bytes | str | Mapping[str, Any]) -> ImageRequest:
     fields = dict(_require_object(value, "request body"))
     fields.setdefault("reference_images", ())
     prompt = fields.pop("prompt", None)
-    known = {a.name for a in attrs.fields(ImageRequest)}
+    known = {a.name for a in attrs.fields(ImageRequest)} - {"custom_id"}  # never sent
     return ImageRequest(prompt, **{k: v for k, v in fields.items() if k in known})
 
 

@@ -27,6 +27,11 @@ FIGURES = {
         "curve_httpx_256_over_httpx_1",
     ],
     "bench_scale.py": ["scale_time_ratio", "scale_leftover_blocks_per_task"],
+    "bench_journal.py": [
+        "journal_fanout_ratio",
+        "journal_callback_ratio",
+        "journal_resume_seconds",
+    ],
     "bench_files.py": [
         "download_ratio",
         "fanout_download_ratio",

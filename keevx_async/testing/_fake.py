@@ -88,6 +88,8 @@ IN_PROCESS_BASE_URL: Final = "https://api.fake.keevx.test"
 """``base_url`` of a fake that is not served on a socket (reached through ASGITransport)."""
 EXAMPLE_CALLBACK_URL: Final = "https://app.example.test/keevx/callback"
 """The ``callback_url`` of clients made by ``FakeKeevx.client`` unless told otherwise."""
+STATE_PATH: Final = "/_fake/state"
+"""The path of the fake's own state (`FakeKeevx.state`), for tests in other processes."""
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -209,6 +211,10 @@ class FakeKeevx:
     ``tasks`` (the tasks created since the last reset) start over with
     `reset_metrics`; tasks created before a reset can still be looked up with GET, and
     their files (and uploaded files) are still served.
+
+    Served on a socket, ``GET {base_url}/_fake/state`` answers the counters
+    ``submit_calls`` and ``accepted_submits`` and, per task, its prompt, status and
+    callback URL (`state`): what a test in another process reads.
 
     Tests wait on the fake instead of sleeping: `wait_for_submits`, `wait_for_gets`,
     `wait_for_callbacks` and `wait_for_file_requests` return once a counter reaches a
@@ -652,6 +658,8 @@ class FakeKeevx:
                 if method == "POST"
                 else method_not_allowed(method, path, "POST")
             )
+        elif path == STATE_PATH and method == "GET":
+            reply = ok_reply(self.state())
         elif path in (SUBMIT_PATH, VIDEO_SUBMIT_PATH):
             reply = (
                 await self._handle_submit(
@@ -690,6 +698,22 @@ class FakeKeevx:
                     await self.__aexit__(None, None, None)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def state(self) -> dict[str, Any]:
+        """The counters of submits and every task's prompt, status and callback URL, as
+        ``GET /_fake/state`` answers them (for tests reading a fake in another process)."""
+        return {
+            "submit_calls": self.submit_calls,
+            "accepted_submits": self.accepted_submits,
+            "tasks": {
+                task_id: {
+                    "prompt": task.prompt,
+                    "status": task.status,
+                    "callback_url": task.callback_url,
+                }
+                for task_id, task in self.tasks.items()
+            },
+        }
 
     def _auth_error(self, scope: Scope) -> Reply | None:
         return auth_error(_header(scope, b"authorization"), self.api_key)
