@@ -1,0 +1,109 @@
+"""``keevx``: the command line (console script ``keevx``, also ``python -m keevx_async``).
+
+Needs the ``keevx-async[cli]`` extra (rich, rich-argparse) for every command but ``demo``.
+Exit codes: 0 every task succeeded, 1 a task failed or an input line was invalid, 2 a
+usage error (one line saying what to do, never a traceback), 130 stopped by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import TYPE_CHECKING, Final
+
+import anyio
+
+from .._demo import run_demo
+from .._exceptions import (
+    AuthenticationError,
+    InvalidRequestError,
+    JournalError,
+    KeevxError,
+    TransportError,
+)
+
+try:
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from ._commands import COMMANDS
+    from ._parser import build_parser
+    from ._run import Screen, UserError
+except ImportError as error:  # pragma: no cover - the extra is part of the test environment
+    _MISSING: ImportError | None = error
+else:
+    _MISSING = None
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+
+__all__ = ["main"]
+
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"keevx: error: {message}\n")
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``), run the command, return its exit code.
+
+    Without a command it prints the help to stderr and returns 2.
+    """
+    if _MISSING is not None:  # pragma: no cover - the extra is part of the test environment
+        return _fail(
+            f"the command line needs its extra ({_MISSING}): pip install 'keevx-async[cli]'"
+        )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if args.command == "demo":
+        demo = functools.partial(
+            run_demo,
+            requests=args.requests,
+            seed=args.seed,
+            concurrency=args.concurrency,
+            callbacks=args.callbacks,
+            download=args.download,
+        )
+        return anyio.run(demo, backend=args.backend)
+    return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    console = Console()
+    screen = Screen(console=console, live=console.is_terminal and not args.quiet, quiet=args.quiet)
+    logger = logging.getLogger("keevx_async")
+    handler = RichHandler(console=Console(stderr=True), show_path=False)
+    logger.addHandler(handler)
+    logger.propagate = False
+    quiet, verbose = args.quiet, args.verbose
+    logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
+    command = COMMANDS[args.command]
+    try:
+        return anyio.run(command, args, screen, backend="asyncio")
+    except UserError as error:
+        return _fail(str(error))
+    except AuthenticationError as error:
+        return _fail(f"the service refused the API key ({error.status_code}): check KEEVX_API_KEY")
+    except TransportError as error:
+        return _fail(f"cannot reach the service ({error}): check --base-url and the network")
+    except JournalError as error:
+        return _fail(f"{error} (another run may be using the journal: wait, or pass --journal)")
+    except InvalidRequestError as error:
+        return _fail(str(error))
+    except KeevxError as error:
+        return _fail(f"{type(error).__name__}: {error}")
+    except KeyboardInterrupt:
+        sys.stderr.write("keevx: interrupted\n")
+        return EXIT_INTERRUPTED
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
