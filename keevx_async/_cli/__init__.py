@@ -84,8 +84,9 @@ def _run_command(args: argparse.Namespace) -> int:
     handler = RichHandler(console=Console(stderr=True), show_path=False)
     logger.addHandler(handler)
     logger.propagate = False
-    quiet, verbose = args.quiet, args.verbose
-    logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
+    verbose = args.verbose
+    # Retries and hints are the display's to show (429 pauses) or -v's (the log lines).
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)
     command = COMMANDS[args.command]
     try:
         return anyio.run(command, args, screen, backend="asyncio")

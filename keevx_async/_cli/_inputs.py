@@ -154,7 +154,7 @@ def _jsonl(path: Path, base: Path) -> Iterator[Line | InvalidLine]:
 
 def _csv(path: Path, base: Path) -> Iterator[Line | InvalidLine]:
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
+        reader = csv.DictReader(handle, strict=True)
         if not reader.fieldnames or "prompt" not in reader.fieldnames:
             raise InputError(f"{path}: the first row must be a header naming a 'prompt' column")
         number = reader.line_num

@@ -125,7 +125,10 @@ def _client_options() -> argparse.ArgumentParser:
     verbosity = output.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print the summary only")
     verbosity.add_argument(
-        "-v", "--verbose", action="store_true", help="also print the SDK's log lines (INFO)"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print the SDK's log lines (retries, hints; INFO and up)",
     )
     return parent
 

@@ -14,7 +14,7 @@ import functools
 import json
 import os
 import signal
-import sys
+import threading
 from array import array
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TextIO
@@ -327,7 +327,8 @@ async def _run(client: AsyncKeevx, run: _Run, lines: Iterator[Line | InvalidLine
             anyio.create_task_group() as helpers,
         ):
             helpers.start_soon(_display, run, client, batch)
-            if sys.platform != "win32":  # pragma: no branch - POSIX in CI
+            # Signal handlers belong to the main thread (main() may run in another).
+            if threading.current_thread() is threading.main_thread():
                 helpers.start_soon(_watch_signals, run)
             with anyio.CancelScope() as consuming:
                 helpers.start_soon(_stop_when_quiet, run, batch, consuming)
