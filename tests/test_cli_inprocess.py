@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -23,9 +22,6 @@ from keevx_async._cli._display import Progress, summary
 from keevx_async._cli._inputs import InputError, InvalidLine, Line, build_request, read_input
 from keevx_async._cli._run import BatchOptions, Screen, request_fields, run_batch
 from keevx_async.testing import FakeKeevx, serve_asgi
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
 
@@ -129,9 +125,8 @@ _prompts = st.text(st.characters(codec="utf-8", exclude_categories=("Cs", "Cc"))
 def test_a_request_round_trips_through_its_out_fields(
     prompt: str, count: int, ratio: str, module: str
 ) -> None:
-    request = kx.ImageRequest(
-        prompt, generate_count=count, image_ratio=ratio, module=module, custom_id="7"
-    )
+    fields_in = {"generate_count": count, "image_ratio": ratio, "module": module}
+    request = build_request({"prompt": prompt, **fields_in, "custom_id": "7"}, 7, Path())
     fields = json.loads(json.dumps(request_fields(request)))
     fields["custom_id"] = "7"
     assert build_request(fields, 7, Path()) == request
@@ -228,7 +223,7 @@ def _main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str
 
 
 @pytest.fixture
-def prompts(tmp_path: Path) -> Iterator[Path]:
+def prompts(tmp_path: Path) -> Path:
     source = tmp_path / "in.jsonl"
     source.write_text('{"prompt": "a"}\n')
     return source
