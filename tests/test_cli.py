@@ -213,3 +213,23 @@ def test_help_matches_its_snapshot(command: list[str]) -> None:
     if os.environ.get("UPDATE_SNAPSHOTS"):
         snapshot.write_text(stdout)
     assert stdout == snapshot.read_text()
+
+
+def test_a_second_ctrl_c_quits_at_once(fake_url: str, tmp_path: Path) -> None:
+    prefix = uuid.uuid4().hex
+    _input(tmp_path, prefix, 200, set())
+    out = tmp_path / "out.jsonl"
+    run = _keevx(
+        "batch", str(tmp_path / "in.jsonl"), "--base-url", fake_url, "--out", str(out),
+        "--listen", "127.0.0.1:0", "--concurrency", "2", "--per-second", "20", "--no-journal",
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not out.exists() or not out.read_text():
+        assert run.poll() is None, run.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=30)
+    assert run.returncode == 130, stderr
+    assert "Traceback" not in stderr

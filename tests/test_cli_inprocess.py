@@ -6,6 +6,7 @@ parts in this process, against the built-in emulator (``--fake``) or a FakeKeevx
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from pathlib import Path
@@ -320,3 +321,117 @@ def test_generate_status_download_upload_with_fake(
     code, out, _ = _main(capsys, "download", "i2is-0123", "--fake", "--out", str(tmp_path))
     assert code == 1
     assert "110002" in out
+
+
+# --- run_batch: failures, unknown outcomes, resumes ------------------------------------
+
+
+def _screen() -> tuple[Screen, Console]:
+    console = Console(record=True, width=100, file=io.StringIO())
+    return Screen(console=console, live=False), console
+
+
+def _out(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.anyio
+async def test_failures_timeouts_and_unknown_outcomes_are_recorded(tmp_path: Path) -> None:
+    (tmp_path / "ref.png").write_bytes(PNG)
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        '{"prompt": "bad one"}\n{"prompt": "slow one"}\n{"prompt": "lost one"}\n'
+        '{"prompt": "with a file", "reference_images": ["ref.png"]}\n'
+    )
+    out, journal = tmp_path / "out.jsonl", tmp_path / "run.db"
+    options = BatchOptions(input=source, out=out, journal=journal, timeout=1.0, concurrency=1)
+    fake = FakeKeevx(
+        fail_if=lambda prompt: prompt.startswith("bad"),
+        complete_after=0.01,
+        lose_if=lambda prompt: prompt.startswith("slow"),
+    )
+    async with fake, fake.client(reconcile_after=None) as client:
+        fake.inject(500, route="submit", create=False)  # the first submit: outcome unknown
+        screen, console = _screen()
+        assert await run_batch(client, options, screen) == 1
+    statuses = {record["custom_id"]: record["status"] for record in _out(out)}
+    assert statuses == {"1": "NOT_SUBMITTED", "2": "ERROR", "3": "SUCCEEDED", "4": "SUCCEEDED"}
+    assert "the journal" in console.export_text()
+    ref = next(r for r in _out(out) if r["custom_id"] == "4")["request"]
+    assert ref["reference_images"] == [str(tmp_path / "ref.png")]  # type: ignore[index]
+
+    async with FakeKeevx() as fake, fake.client() as client:
+        screen, _ = _screen()
+        assert await run_batch(client, options, screen) == 1
+    again = _out(out)[4:]
+    assert {r["custom_id"]: r["status"] for r in again}["1"] == "UNKNOWN"
+    assert all(r["replayed"] for r in again if r["custom_id"] in ("3", "4"))
+
+
+@pytest.mark.anyio
+async def test_a_failed_task_keeps_its_status(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "bad one"}\n')
+    out = tmp_path / "out.jsonl"
+    fake = FakeKeevx(fail_if=lambda prompt: prompt.startswith("bad"))
+    async with fake, fake.client() as client:
+        screen, console = _screen()
+        assert await run_batch(client, BatchOptions(input=source, out=out), screen) == 1
+    (record,) = _out(out)
+    assert record["status"] == "FAILED"
+    assert "failures by error" in console.export_text()
+
+
+def test_a_duplicate_custom_id_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "a", "custom_id": "x"}\n{"prompt": "b", "custom_id": "x"}\n')
+    journal = str(tmp_path / "run.db")
+    code, _, err = _main(capsys, "batch", str(source), "--fake", "--journal", journal)
+    assert code == 2
+    assert "custom_id" in err
+
+
+def test_commands_with_a_refused_key_or_no_service(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEEVX_API_KEY", "wrong")
+    results: list[tuple[int, str, str]] = []
+
+    async def scenario() -> None:
+        async with FakeKeevx(api_key="right") as fake, serve_asgi(fake) as server:
+            for command in (["status", "i2is-1"], ["generate", "a fox"]):
+                argv = [*command, "--base-url", server.url]
+                run = functools.partial(_main, capsys, *argv)
+                results.append(await anyio.to_thread.run_sync(run))
+
+    anyio.run(scenario)
+    assert [code for code, _, _ in results] == [2, 2]
+    assert all("refused the API key" in err for _, _, err in results)
+
+
+def test_download_saves_a_finished_task(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("KEEVX_API_KEY", "k")
+    results: list[tuple[int, str, str]] = []
+
+    async def scenario() -> None:
+        fake = FakeKeevx(fail_if=lambda prompt: prompt.startswith("bad"))
+        async with fake, serve_asgi(fake) as server:
+            fake.image_base_url = server.url + "/files"
+            async with fake.client(base_url=server.url) as client:
+                done = await client.generate(kx.ImageRequest("a red fox"))
+                failed = (await client.submit(kx.ImageRequest("bad"))).tasks[0]
+                with pytest.raises(kx.TaskFailedError):
+                    await failed.wait()
+            argv = ["download", done[0].task_id, str(failed.task_id), "--base-url", server.url]
+            argv += ["--out", str(tmp_path), "--listen", "127.0.0.1:0"]
+            results.append(await anyio.to_thread.run_sync(lambda: _main(capsys, *argv)))
+
+    anyio.run(scenario)
+    ((code, out, _),) = results
+    assert code == 1
+    assert "not downloadable: FAILED" in out
+    assert len(list(tmp_path.glob("i2is-*.png"))) == 1

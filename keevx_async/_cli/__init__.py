@@ -35,6 +35,9 @@ except ImportError as error:  # pragma: no cover - the extra is part of the test
 else:
     _MISSING = None
 
+if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
+    from exceptiongroup import BaseExceptionGroup
+
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
@@ -48,6 +51,15 @@ EXIT_INTERRUPTED: Final = 130
 def _fail(message: str) -> int:
     sys.stderr.write(f"keevx: error: {message}\n")
     return EXIT_USAGE
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error a task group wrapped (a user's mistake raised in a task), else the
+    group itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,6 +94,7 @@ def _run_command(args: argparse.Namespace) -> int:
     screen = Screen(console=console, live=console.is_terminal and not args.quiet, quiet=args.quiet)
     logger = logging.getLogger("keevx_async")
     handler = RichHandler(console=Console(stderr=True), show_path=False)
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.propagate = False
     verbose = args.verbose
@@ -89,7 +102,10 @@ def _run_command(args: argparse.Namespace) -> int:
     logger.setLevel(logging.INFO if verbose else logging.ERROR)
     command = COMMANDS[args.command]
     try:
-        return anyio.run(command, args, screen, backend="asyncio")
+        try:
+            return anyio.run(command, args, screen, backend="asyncio")
+        except BaseExceptionGroup as group:
+            raise _single(group) from None
     except UserError as error:
         return _fail(str(error))
     except AuthenticationError as error:
@@ -107,4 +123,5 @@ def _run_command(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         logger.removeHandler(handler)
-        logger.propagate = True
+        logger.setLevel(level)
+        logger.propagate = propagate

@@ -18,7 +18,7 @@ import anyio
 from rich.table import Table
 
 from .._client import AsyncKeevx
-from .._exceptions import APIError, KeevxError
+from .._exceptions import APIError, AuthenticationError, KeevxError, TransportError
 from .._models import ImageRequest
 from .._reconcile import RECHECK_BASE
 from ..testing import FakeKeevx
@@ -156,6 +156,8 @@ async def status(args: argparse.Namespace, screen: Screen) -> int:
         for task_id in args.task_ids:
             try:
                 snapshot = await client.retrieve(task_id)
+            except AuthenticationError:
+                raise
             except APIError as error:
                 table.add_row(task_id, "-", "", describe_error(error))
                 code = 1
@@ -184,6 +186,8 @@ async def download(args: argparse.Namespace, screen: Screen) -> int:
                 dest = out / f"{task_id}{suffix}" if suffix else out
                 await anyio.Path(out).mkdir(parents=True, exist_ok=True)
                 path = await client.download(url, dest)
+            except AuthenticationError:
+                raise
             except APIError as error:
                 screen.console.print(f"{task_id}  {describe_error(error)}", highlight=False)
                 code = 1
@@ -198,9 +202,9 @@ async def upload(args: argparse.Namespace, screen: Screen) -> int:
         for name in args.files:
             try:
                 uploaded = await client.upload(Path(name))
-            except KeevxError as error:
-                if isinstance(error, APIError):
-                    raise
+            except (APIError, TransportError):
+                raise
+            except KeevxError as error:  # a missing or unusable file
                 raise UserError(f"{name}: {error}") from None
             screen.console.print(f"{name}  {uploaded.url}", highlight=False)
     return 0

@@ -199,7 +199,7 @@ async def _watch_signals(run: _Run) -> None:
     """The first Ctrl-C stops the run cleanly (see `_stop_when_quiet`); the second quits."""
     with anyio.open_signal_receiver(signal.SIGINT) as signals:
         async for _ in signals:
-            if run.stop.is_set():
+            if run.stop.is_set():  # pragma: no cover - the process ends here (test_cli.py)
                 if run.out is not None:
                     run.out.flush()
                 # At once, as asked: the journal (SQLite, WAL) is safe against this.
