@@ -22,13 +22,13 @@ from .._exceptions import (
     KeevxError,
     TransportError,
 )
+from ._parser import build_parser
 
 try:
     from rich.console import Console
     from rich.logging import RichHandler
 
     from ._commands import COMMANDS
-    from ._parser import build_parser
     from ._run import Screen, UserError
 except ImportError as error:  # pragma: no cover - the extra is part of the test environment
     _MISSING: ImportError | None = error
@@ -67,10 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Without a command it prints the help to stderr and returns 2.
     """
-    if _MISSING is not None:  # pragma: no cover - the extra is part of the test environment
-        return _fail(
-            f"the command line needs its extra ({_MISSING}): pip install 'keevx-async[cli]'"
-        )
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -86,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             download=args.download,
         )
         return anyio.run(demo, backend=args.backend)
+    if _MISSING is not None:  # pragma: no cover - the extra is part of the test environment
+        return _fail(f"{_MISSING}: this command needs pip install 'keevx-async[cli]'")
     return _run_command(args)
 
 

@@ -11,7 +11,10 @@ import argparse
 import textwrap
 from typing import Final
 
-from rich_argparse import RawDescriptionRichHelpFormatter
+try:
+    from rich_argparse import RawDescriptionRichHelpFormatter
+except ImportError:  # pragma: no cover - without the cli extra: `demo` still runs
+    RawDescriptionRichHelpFormatter = argparse.RawDescriptionHelpFormatter  # type: ignore[misc,assignment]
 
 from .._demo import DEFAULT_CONCURRENCY, DEFAULT_REQUESTS, DEFAULT_SEED
 from .._version import __version__
