@@ -435,3 +435,14 @@ def test_download_saves_a_finished_task(
     assert code == 1
     assert "not downloadable: FAILED" in out
     assert len(list(tmp_path.glob("i2is-*.png"))) == 1
+
+
+def test_generate_a_video(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["generate", "the fox runs", "--video", "--image", "https://e.x/a.png"]
+    code, out, _ = _main(capsys, *argv, "--duration", "6", "--fake", "--out", str(tmp_path))
+    assert "i2v-" in out
+    assert code == 0
+    assert len(list(tmp_path.glob("i2v-*.mp4"))) == 1
+    code, _, err = _main(capsys, *argv, "--model", "KL", "--fake")
+    assert code == 2
+    assert "image_url" in err

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .._client import AsyncKeevx
 from .._exceptions import APIError, AuthenticationError, KeevxError, TransportError
+from .._kinds import VideoRequest
 from .._models import ImageRequest
 from .._reconcile import RECHECK_BASE
 from ..testing import FakeKeevx
@@ -119,15 +120,28 @@ def _reference(text: str) -> str | Path:
 
 async def generate(args: argparse.Namespace, screen: Screen) -> int:
     """``keevx generate PROMPT``."""
+    references = [_reference(ref) for ref in args.ref]
+    request: ImageRequest | VideoRequest
     try:
-        request = ImageRequest(
-            args.prompt,
-            generate_count=args.count,
-            image_ratio=args.ratio,
-            image_quality=args.quality,
-            module=args.module,
-            reference_images=[_reference(ref) for ref in args.ref],
-        )
+        if args.video:
+            request = VideoRequest(
+                args.prompt,
+                model=args.model,
+                image_url=None if args.image is None else _reference(args.image),
+                reference_images=references,
+                aspect_ratio=args.ratio or "16:9",
+                duration=args.duration,
+                generate_count=args.count,
+            )
+        else:
+            request = ImageRequest(
+                args.prompt,
+                generate_count=args.count,
+                image_ratio=args.ratio or "9:16",
+                image_quality=args.quality,
+                module=args.module,
+                reference_images=references,
+            )
     except KeevxError as error:
         raise UserError(str(error)) from None
     async with open_client(args, screen) as client:
@@ -137,14 +151,18 @@ async def generate(args: argparse.Namespace, screen: Screen) -> int:
             try:
                 result = await task.wait(timeout=args.timeout)
             except KeevxError as error:
-                screen.console.print(f"{task.task_id}  {describe_error(error)}", highlight=False)
+                screen.console.print(
+                    f"{task.task_id}  {describe_error(error)}", highlight=False, soft_wrap=True
+                )
                 code = 1
                 continue
             if args.out is None:
-                screen.console.print(f"{task.task_id}  {result.image_url}", highlight=False)
+                screen.console.print(
+                    f"{task.task_id}  {result.url}", highlight=False, soft_wrap=True
+                )
             else:
                 path = await client.download(result, Path(args.out))
-                screen.console.print(f"{task.task_id}  {path}", highlight=False)
+                screen.console.print(f"{task.task_id}  {path}", highlight=False, soft_wrap=True)
         return code
 
 
@@ -162,8 +180,7 @@ async def status(args: argparse.Namespace, screen: Screen) -> int:
                 table.add_row(task_id, "-", "", describe_error(error))
                 code = 1
                 continue
-            url = snapshot.raw.get("video_url") or snapshot.image_url
-            table.add_row(task_id, snapshot.status, str(url or ""), snapshot.error_message)
+            table.add_row(task_id, snapshot.status, snapshot.url, snapshot.error_message)
             code = code or int(snapshot.status != "SUCCEEDED")
     screen.console.print(table)
     return code
@@ -177,9 +194,11 @@ async def download(args: argparse.Namespace, screen: Screen) -> int:
         for task_id in args.task_ids:
             try:
                 snapshot = await client.retrieve(task_id)
-                url = str(snapshot.raw.get("video_url") or snapshot.image_url or "")
+                url = snapshot.url
                 if snapshot.status != "SUCCEEDED" or not url:
-                    screen.console.print(f"{task_id}  not downloadable: {snapshot.status}")
+                    screen.console.print(
+                        f"{task_id}  not downloadable: {snapshot.status}", soft_wrap=True
+                    )
                     code = 1
                     continue
                 suffix = PurePosixPath(urlsplit(url).path).suffix
@@ -189,10 +208,12 @@ async def download(args: argparse.Namespace, screen: Screen) -> int:
             except AuthenticationError:
                 raise
             except APIError as error:
-                screen.console.print(f"{task_id}  {describe_error(error)}", highlight=False)
+                screen.console.print(
+                    f"{task_id}  {describe_error(error)}", highlight=False, soft_wrap=True
+                )
                 code = 1
                 continue
-            screen.console.print(f"{task_id}  {path}", highlight=False)
+            screen.console.print(f"{task_id}  {path}", highlight=False, soft_wrap=True)
     return code
 
 
@@ -206,7 +227,7 @@ async def upload(args: argparse.Namespace, screen: Screen) -> int:
                 raise
             except KeevxError as error:  # a missing or unusable file
                 raise UserError(f"{name}: {error}") from None
-            screen.console.print(f"{name}  {uploaded.url}", highlight=False)
+            screen.console.print(f"{name}  {uploaded.url}", highlight=False, soft_wrap=True)
     return 0
 
 

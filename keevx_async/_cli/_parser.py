@@ -184,16 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         parents=[client],
-        help="generate images from one prompt and wait for them",
+        help="generate images (or a video) from one prompt and wait for them",
         description=_wrapped(
-            "Submit one image request, wait for its images, and print their URLs "
-            "or save them into --out."
+            "Submit one image request (a video request with --video), wait for its "
+            "results, and print their URLs or save them into --out."
         ),
         formatter_class=formatter,
     )
     generate.add_argument("prompt", metavar="PROMPT")
-    generate.add_argument("--count", type=_positive, default=1, metavar="N", help="images")
-    generate.add_argument("--ratio", default="9:16", metavar="R", help="image ratio")
+    generate.add_argument(
+        "--count", type=_positive, default=1, metavar="N", help="images (or videos)"
+    )
+    generate.add_argument(
+        "--ratio", metavar="R", help="image ratio (default 9:16); with --video 16:9 or 9:16"
+    )
     generate.add_argument("--quality", default="2K", metavar="Q", help="1K, 2K or 4K")
     generate.add_argument("--module", default="std", metavar="M", help="std or pro")
     generate.add_argument(
@@ -203,7 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL|PATH",
         help="a reference image (repeat for more)",
     )
-    generate.add_argument("--out", metavar="DIR", help="save the images into DIR")
+    generate.add_argument("--out", metavar="DIR", help="save the files into DIR")
+    video = generate.add_argument_group("video (image to video)")
+    video.add_argument("--video", action="store_true", help="make a video instead")
+    video.add_argument("--image", metavar="URL|PATH", help="the start frame (model V)")
+    video.add_argument("--model", default="V", metavar="M", help="V or KL")
+    video.add_argument("--duration", type=_positive, metavar="S", help="seconds")
 
     status = commands.add_parser(
         "status",

@@ -110,7 +110,7 @@ def task_record(task: Task[Any], line: int | None) -> dict[str, object]:
     url = path = None
     if error is None:
         result = task.result()
-        url = getattr(result, "video_url", None) or getattr(result, "image_url", None)
+        url = result.url
         path = None if result.path is None else os.fspath(result.path)
         status = result.status
     elif isinstance(error, TaskFailedError):
