@@ -67,7 +67,7 @@ def _measure(command: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     """Run both contenders at each size; print the table and the figures."""
-    args = _common.parse_args(__doc__ or "", sizes=(str, "5000,20000"))
+    args = _common.parse_args(__doc__ or "", sizes="5000,20000")
     sizes = [500, 2000] if args.quick else [int(size) for size in args.sizes.split(",")]
     rows = []
     measured: dict[tuple[str, int], tuple[float, float]] = {}
