@@ -13,7 +13,7 @@ PACKAGE = Path(keevx_async.__file__).parent
 MAP = Path(__file__).parent.parent / "docs" / "architecture.md"
 # Who may import the client: the package's front door, the synchronous client that runs
 # one, the demo and the test kit (``fake.client()``).
-CLIENT_USERS = {"__init__.py", "_sync.py", "_demo.py", "testing"}
+CLIENT_USERS = {"__init__.py", "_sync.py", "_demo.py", "_cli", "testing"}
 
 
 def _mapped_modules() -> list[str]:

@@ -32,6 +32,7 @@ FIGURES = {
         "journal_callback_ratio",
         "journal_resume_seconds",
     ],
+    "bench_cli.py": ["cli_rate_ratio", "cli_rss_ratio", "cli_rss_growth_mb"],
     "bench_files.py": [
         "download_ratio",
         "fanout_download_ratio",
