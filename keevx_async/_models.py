@@ -128,7 +128,8 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
-def _check_prompt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def check_prompt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """``prompt``: a string of 1..1000 characters UTF-8 can encode (every request kind's)."""
     if not isinstance(value, str):
         raise InvalidRequestError(
             f"prompt must be a string; got {type(value).__name__}", field="prompt"
@@ -276,7 +277,8 @@ def _check_reference_images(_: object, attribute: attrs.Attribute[Any], value: o
         check_image(image, f"reference_images[{position}]")
 
 
-def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def check_callback_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    """``callback_url``: ``None``, or an absolute http(s) URL (every request kind's)."""
     if value is not None:
         check_http_url(value, "callback_url")
 
@@ -389,7 +391,7 @@ class ImageRequest(TaskRequest):
 generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None, custom_id=None)
     """
 
-    prompt: str = attrs.field(validator=_check_prompt)
+    prompt: str = attrs.field(validator=check_prompt)
     reference_images: tuple[ReferenceImage, ...] = attrs.field(
         default=(), kw_only=True, converter=_to_reference_images, validator=_check_reference_images
     )
@@ -401,9 +403,7 @@ generate_count=2, image_quality='2K', image_ratio='16:9', callback_url=None, cus
     image_ratio: ImageRatio = attrs.field(
         default="9:16", kw_only=True, validator=_one_of(IMAGE_RATIOS)
     )
-    callback_url: str | None = attrs.field(
-        default=None, kw_only=True, validator=_check_callback_url
-    )
+    callback_url: str | None = attrs.field(default=None, kw_only=True, validator=check_callback_url)
     custom_id: str | None = attrs.field(default=None, kw_only=True, validator=check_custom_id)
 
 

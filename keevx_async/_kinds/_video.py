@@ -32,13 +32,12 @@ from keevx_async._models import (
     FINISHED_OK,
     ReferenceImage,
     TaskRequest,
+    check_callback_url,
     check_custom_id,
-    check_http_url,
     check_image,
-    check_text,
+    check_prompt,
     to_images,
 )
-from keevx_async._types import MAX_PROMPT_LENGTH
 
 if TYPE_CHECKING:
     from keevx_async._models import CallbackPayload
@@ -59,19 +58,6 @@ DEFAULT_DURATION: Final = MappingProxyType({"V": 8, "KL": 5})
 
 def _choices(values: Sequence[object]) -> str:
     return ", ".join(repr(value) for value in values)
-
-
-def _check_prompt(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str):
-        raise InvalidRequestError(
-            f"prompt must be a string; got {type(value).__name__}", field="prompt"
-        )
-    if not 1 <= len(value) <= MAX_PROMPT_LENGTH:
-        raise InvalidRequestError(
-            f"prompt must be 1..{MAX_PROMPT_LENGTH} characters; got {len(value)}",
-            field="prompt",
-        )
-    check_text(value, "prompt")
 
 
 def _one_of(allowed: Sequence[object]) -> Any:
@@ -127,11 +113,6 @@ def _check_generate_count(_: object, attribute: attrs.Attribute[Any], value: obj
         )
 
 
-def _check_callback_url(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None:
-        check_http_url(value, "callback_url")
-
-
 @attrs.frozen
 class VideoRequest(TaskRequest):
     """One call to the image-to-video endpoint. Immutable and validated.
@@ -180,7 +161,7 @@ class VideoRequest(TaskRequest):
         8
     """
 
-    prompt: str = attrs.field(validator=_check_prompt)
+    prompt: str = attrs.field(validator=check_prompt)
     model: VideoModel = attrs.field(default="V", kw_only=True, validator=_one_of(MODELS))
     image_url: ReferenceImage | None = attrs.field(
         default=None, kw_only=True, validator=_check_optional_image
@@ -200,9 +181,7 @@ class VideoRequest(TaskRequest):
     duration: int | None = attrs.field(default=None, kw_only=True, validator=_check_duration)
     generate_audio: bool = attrs.field(default=False, kw_only=True, validator=_check_bool)
     generate_count: int = attrs.field(default=1, kw_only=True, validator=_check_generate_count)
-    callback_url: str | None = attrs.field(
-        default=None, kw_only=True, validator=_check_callback_url
-    )
+    callback_url: str | None = attrs.field(default=None, kw_only=True, validator=check_callback_url)
     custom_id: str | None = attrs.field(default=None, kw_only=True, validator=check_custom_id)
 
     def __attrs_post_init__(self) -> None:
